@@ -1,0 +1,28 @@
+# make demo: set up .venv, train the quickstart model on synthetic nuclei, evaluate it, print the metrics.
+# make test: set up .venv with the test extra and run the test suite.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.nucjax-installed
+WORKDIR ?= runs/quickstart
+PYTEST_ARGS ?=
+
+.PHONY: demo test bench study clean-venv
+
+$(STAMP): setup.py
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e '.[test]'
+	@touch $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/python -m nucjax.demo --workdir $(WORKDIR)
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -n 2 $(PYTEST_ARGS) tests
+
+bench: $(STAMP)
+	$(BIN)/python -m pip install --quiet -e '.[bench]'
+
+clean-venv:
+	rm -rf $(VENV)

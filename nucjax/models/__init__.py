@@ -1,0 +1,1 @@
+"""Network architectures: the U-Net and Mask R-CNN."""
