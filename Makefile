@@ -16,7 +16,8 @@ $(STAMP): setup.py
 	@touch $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/python -m nucjax.demo --workdir $(WORKDIR)
+	$(BIN)/python -m nucjax.train --config configs/quickstart.py --workdir $(WORKDIR)
+	$(BIN)/python -m nucjax.evaluate --checkpoint $(WORKDIR) --split validation --json $(WORKDIR)/validation.json
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -n 2 $(PYTEST_ARGS) tests

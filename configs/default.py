@@ -89,4 +89,5 @@ def get_config() -> ml_collections.ConfigDict:
     config.predict.tile_overlap = 64
     config.predict.tile_batch = 4
     config.predict.tta = False
+    config.lock()  # a misspelt key in a config file fails at once instead of being silently added
     return config

@@ -1,0 +1,159 @@
+"""The variant registry: a name -> the model, the targets it learns, its loss, and how its outputs become instances."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable, Mapping
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from nucjax import losses, postprocess
+
+Batch = Mapping[str, jax.Array]
+
+
+@dataclasses.dataclass(frozen=True)
+class Variant:
+    """One way of learning nuclei: everything the trainer, the predictor and the study need to know about it.
+
+    model(config) -> flax module; target_names(config) -> the `nucjax.data.targets` names the loss reads;
+    loss(module, variables, batch, rngs, train, config) -> (scalar, parts, new model state);
+    apply(module, variables, images, config) -> dict of outputs with a leading batch axis;
+    dense: outputs are per-pixel maps under the key "maps" (they can be tiled and blended);
+    to_instances(outputs of one image as NumPy, params) -> int32[H, W] label image.
+    """
+
+    name: str
+    model: Callable[[ml_collections.ConfigDict], Any]
+    target_names: Callable[[ml_collections.ConfigDict], tuple[str, ...]]
+    loss: Callable[..., tuple[jax.Array, dict[str, jax.Array], Any]]
+    apply: Callable[..., dict[str, jax.Array]]
+    to_instances: Callable[[Mapping[str, np.ndarray], Mapping[str, Any]], np.ndarray]
+    dense: bool = True
+
+
+VARIANTS: dict[str, Variant] = {}
+
+
+def register(variant: Variant) -> Variant:
+    """Adds a variant to the registry under its name."""
+    VARIANTS[variant.name] = variant
+    return variant
+
+
+def get(name: str) -> Variant:
+    """The registered variant called `name`; a ValueError lists the known names otherwise."""
+    if name not in VARIANTS:
+        raise ValueError(f"config key 'variant': unknown variant {name!r}; known: {sorted(VARIANTS)}")
+    return VARIANTS[name]
+
+
+def compute_dtype(config: ml_collections.ConfigDict) -> jnp.dtype:
+    """The compute dtype named by `config.precision` (parameters stay float32)."""
+    if config.precision not in ("float32", "bfloat16"):
+        raise ValueError(f"config key 'precision' must be 'float32' or 'bfloat16', got {config.precision!r}")
+    return jnp.dtype(config.precision)
+
+
+# ---- The U-Net family: one network, differing in output heads, loss and post-processing. ----
+
+
+def _unet(out_channels: int) -> Callable[[ml_collections.ConfigDict], Any]:
+    def make(config: ml_collections.ConfigDict):
+        from nucjax.models.unet import UNet
+
+        m = config.model
+        return UNet(
+            base_width=m.base_width, depth=m.depth, norm=m.norm, groups=m.groups, activation=m.activation,
+            upsample=m.upsample, dropout=m.dropout, out_channels=out_channels, dtype=compute_dtype(config),
+        )
+
+    return make
+
+
+def _unet_loss(objective: Callable[[jax.Array, Batch, ml_collections.ConfigDict], tuple[jax.Array, dict]]):
+    """Wraps a loss on U-Net logits into the variant loss signature (handles batch statistics and dropout)."""
+
+    def loss(module, variables, batch, rngs, train, config):
+        mutable = ["batch_stats"] if "batch_stats" in variables else False
+        out = module.apply(variables, batch["image"], train=train, rngs=rngs, mutable=mutable)
+        logits, new_state = out if mutable else (out, {})
+        total, parts = objective(logits, batch, config)
+        return total, parts, new_state
+
+    return loss
+
+
+def _unet_apply(activate: Callable[[jax.Array], jax.Array]):
+    def apply(module, variables, images, config):
+        return {"maps": activate(module.apply(variables, images, train=False))}
+
+    return apply
+
+
+def _bce_dice(logits: jax.Array, target: jax.Array, valid: jax.Array, weights=None) -> tuple[jax.Array, jax.Array]:
+    bce = losses.sigmoid_bce(logits, target, valid, weights=weights)
+    dice = losses.soft_dice(logits, target, valid)
+    return bce, dice
+
+
+def _mask_objective(logits, batch, config):
+    weights = batch["weight_map"] if config.loss.use_weight_map else None
+    bce, dice = _bce_dice(logits[..., 0], batch["foreground"], batch["valid"], weights)
+    return bce + config.loss.dice_weight * dice, {"bce": bce, "dice": dice}
+
+
+def _boundary_objective(logits, batch, config):
+    weights = batch["weight_map"] if config.loss.use_weight_map else None
+    fg_bce, fg_dice = _bce_dice(logits[..., 0], batch["foreground"], batch["valid"], weights)
+    b_bce, b_dice = _bce_dice(logits[..., 1], batch["boundary"], batch["valid"])
+    fg = fg_bce + config.loss.dice_weight * fg_dice
+    boundary = b_bce + config.loss.dice_weight * b_dice
+    return fg + config.loss.boundary_weight * boundary, {"foreground": fg, "boundary": boundary}
+
+
+def _three_class_objective(logits, batch, config):
+    weights = batch["weight_map"] if config.loss.use_weight_map else None
+    ce = losses.weighted_cross_entropy(
+        logits, batch["three_class"], batch["valid"], class_weights=jnp.asarray(config.loss.class_weights), weights=weights
+    )
+    return ce, {"cross_entropy": ce}
+
+
+def _with_weight_map(names: tuple[str, ...]) -> Callable[[ml_collections.ConfigDict], tuple[str, ...]]:
+    return lambda config: names + (("weight_map",) if config.loss.use_weight_map else ())
+
+
+def _postprocessor(name: str) -> Callable[[Mapping[str, np.ndarray], Mapping[str, Any]], np.ndarray]:
+    return lambda outputs, params: postprocess.POSTPROCESSORS[name](np.asarray(outputs["maps"], np.float32), params)
+
+
+register(Variant(
+    name="unet_mask",
+    model=_unet(1),
+    target_names=_with_weight_map(("foreground",)),
+    loss=_unet_loss(_mask_objective),
+    apply=_unet_apply(jax.nn.sigmoid),
+    to_instances=_postprocessor("components"),
+))
+
+register(Variant(
+    name="unet_boundary",
+    model=_unet(2),
+    target_names=_with_weight_map(("foreground", "boundary")),
+    loss=_unet_loss(_boundary_objective),
+    apply=_unet_apply(jax.nn.sigmoid),
+    to_instances=_postprocessor("boundary_watershed"),
+))
+
+register(Variant(
+    name="unet_3class",
+    model=_unet(3),
+    target_names=_with_weight_map(("three_class",)),
+    loss=_unet_loss(_three_class_objective),
+    apply=_unet_apply(lambda logits: jax.nn.softmax(logits, axis=-1)),
+    to_instances=_postprocessor("three_class"),
+))

@@ -1,0 +1,70 @@
+"""Config files and `--config.key=value` overrides: known keys and types only, with errors naming the key."""
+
+import json
+
+import pytest
+
+from nucjax import config as config_lib
+from tests.conftest import REPO
+
+CONFIGS = REPO / "configs"
+
+
+def test_variant_configs_differ_from_default_only_in_the_variant():
+    base = config_lib.load_config(CONFIGS / "default.py").to_dict()
+    for name in ("unet_mask", "unet_boundary", "unet_3class"):
+        config = config_lib.load_config(CONFIGS / f"{name}.py").to_dict()
+        assert config.pop("variant") == name
+        assert config == {k: v for k, v in base.items() if k != "variant"}
+
+
+def test_overrides_parse_to_the_type_of_the_key():
+    config = config_lib.load_config(
+        CONFIGS / "quickstart.py",
+        ["train.steps=7", "optim.learning_rate=1", "data.augment.flip=false", "data.name=dsb2018",
+         "data.augment.scale_range=(0.5, 2.0)"],
+    )
+    assert config.train.steps == 7 and isinstance(config.train.steps, int)
+    assert config.optim.learning_rate == 1.0 and isinstance(config.optim.learning_rate, float)
+    assert config.data.augment.flip is False
+    assert config.data.name == "dsb2018"
+    assert tuple(config.data.augment.scale_range) == (0.5, 2.0)
+
+
+@pytest.mark.parametrize("override, words", [
+    ("train.stesp=3", ["train.stesp", "train.steps"]),
+    ("nosuch.key=3", ["nosuch.key"]),
+    ("train.steps=abc", ["train.steps", "int"]),
+    ("data.augment.flip=maybe", ["data.augment.flip", "true or false"]),
+    ("train=3", ["train", "section"]),
+    ("train.steps", ["key=value"]),
+])
+def test_bad_overrides_name_the_key(override, words):
+    with pytest.raises(config_lib.ConfigError) as info:
+        config_lib.load_config(CONFIGS / "quickstart.py", [override])
+    for word in words:
+        assert word in str(info.value)
+
+
+def test_misspelt_key_in_a_config_file_fails_at_once(tmp_path):
+    bad = tmp_path / "bad.py"
+    bad.write_text(
+        "import pathlib\nfrom nucjax.config import load_config\n"
+        f"def get_config():\n    c = load_config(pathlib.Path({str(CONFIGS / 'default.py')!r}))\n"
+        "    c.train.stesp = 5\n    return c\n"
+    )
+    with pytest.raises(config_lib.ConfigError) as info:
+        config_lib.load_config(bad)
+    assert "stesp" in str(info.value) and "bad.py" in str(info.value)
+
+
+def test_missing_config_file_is_named(tmp_path):
+    with pytest.raises(config_lib.ConfigError, match="nope.py"):
+        config_lib.load_config(tmp_path / "nope.py")
+
+
+def test_json_round_trip_keeps_values():
+    config = config_lib.load_config(CONFIGS / "quickstart.py")
+    again = config_lib.from_dict(json.loads(config_lib.to_json(config)))
+    assert again.train.steps == config.train.steps
+    assert list(again.loss.class_weights) == list(config.loss.class_weights)
