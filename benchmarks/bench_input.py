@@ -1,0 +1,93 @@
+"""Input-pipeline throughput: images/s of training batches (default 8 x 256²) per target set and grain worker count.
+
+Each cell builds a fresh `pipeline.train_loader`, draws --warmup batches (worker start-up included there), then
+times --batches batches. Source: synthetic images (`nucjax.data.synthetic.generate`, made once, in memory) or
+DSB2018's train split through `nucjax.data.source`.
+
+  python benchmarks/bench_input.py --workers 0,1 --batches 10
+  python benchmarks/bench_input.py --source dsb2018 --workers 0,1,2
+"""
+
+import argparse
+import pathlib
+import time
+
+import numpy as np
+
+from nucjax.config import load_config
+from nucjax.data import pipeline
+
+REPO_CONFIG = pathlib.Path(__file__).resolve().parents[1] / "configs" / "default.py"
+TARGET_SETS = {
+    "mask": ["foreground"],
+    "boundary": ["foreground", "boundary"],
+    "3-class": ["three_class"],
+    "weight map": ["foreground", "weight_map"],
+    "Mask R-CNN": ["instances"],
+}
+
+
+def parse_args() -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--source", choices=("synthetic", "dsb2018"), default="synthetic")
+    p.add_argument("--images", type=int, default=64, help="synthetic images to make")
+    p.add_argument("--size", type=int, nargs=2, default=(360, 480), help="synthetic image height, width")
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--crop", type=int, default=256)
+    p.add_argument("--workers", default="0,1,2", help="grain worker counts, comma-separated")
+    p.add_argument("--sets", default=",".join(TARGET_SETS), help="target sets, comma-separated")
+    p.add_argument("--batches", type=int, default=10, help="timed batches per cell")
+    p.add_argument("--warmup", type=int, default=2, help="untimed batches per cell")
+    return p.parse_args()
+
+
+def make_source(args: argparse.Namespace):
+    """A random-access source of {"image", "label"} dicts."""
+    if args.source == "dsb2018":
+        from nucjax import data
+
+        return data.source("dsb2018", "train")
+    from nucjax.data import synthetic
+
+    height, width = args.size
+    pairs = (synthetic.generate(i, height=height, width=width) for i in range(args.images))
+    return [{"image": image, "label": label} for image, label in pairs]
+
+
+def images_per_second(source, config, names: list[str], batches: int, warmup: int) -> float:
+    """Training images per second delivered by a fresh loader after `warmup` batches."""
+    iterator = iter(pipeline.train_loader(source, config, target_names=names, seed=0, shard_index=0, shard_count=1))
+    for _ in range(warmup):
+        next(iterator)
+    start = time.perf_counter()
+    for _ in range(batches):
+        batch = next(iterator)
+    elapsed = time.perf_counter() - start
+    assert batch["image"].shape == (config.train.batch_size, config.data.crop_size, config.data.crop_size, 3)
+    return batches * config.train.batch_size / elapsed
+
+
+def main() -> None:
+    args = parse_args()
+    config = load_config(REPO_CONFIG)
+    config.train.batch_size = args.batch
+    config.data.crop_size = args.crop
+    workers = [int(w) for w in args.workers.split(",")]
+    sets = [s.strip() for s in args.sets.split(",")]
+    start = time.perf_counter()
+    source = make_source(args)
+    sizes = np.array([source[i]["label"].shape for i in range(min(len(source), 64))])
+    print(f"source {args.source}: {len(source)} images (median size {np.median(sizes, 0).astype(int).tolist()}), "
+          f"ready in {time.perf_counter() - start:.1f} s; batch {args.batch} x {args.crop}², "
+          f"{args.batches} timed batches after {args.warmup} warm-up")
+    print(f"{'targets':<12}" + "".join(f"{f'{w} workers':>14}" for w in workers) + "   (images/s)")
+    for name in sets:
+        row = []
+        for count in workers:
+            config.data.num_workers = count
+            row.append(images_per_second(source, config, TARGET_SETS[name], args.batches, args.warmup))
+        print(f"{name:<12}" + "".join(f"{r:>14.1f}" for r in row), flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,129 @@
+"""Joint random augmentation of a normalised image and its label image: crop, scale, flips, rot90, intensity."""
+
+from typing import Any
+
+import numpy as np
+
+
+def augment(
+    image: np.ndarray, label: np.ndarray, rng: np.random.Generator, config: Any, crop_size: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """A random S x S view (S = crop_size) of image [H, W, 3] and label int[H, W]: (image f32[S, S, 3],
+    label int32[S, S], valid f32[S, S]); `config` is the run config's `data.augment`. Float images are taken as
+    already normalised (`pipeline.normalize_image`), integer ones are normalised here."""
+    image, label = _check(image, label)
+    scale = _scale(rng, config.scale_range)
+    ys, xs = _window(label, rng, config.nuclei_crop_prob, crop_size, scale)
+    image, label, valid = _resample(image, label, ys, xs, exact=scale == 1.0)
+    if config.flip:
+        if rng.random() < 0.5:
+            image, label, valid = image[::-1], label[::-1], valid[::-1]
+        if rng.random() < 0.5:
+            image, label, valid = image[:, ::-1], label[:, ::-1], valid[:, ::-1]
+    if config.rot90:
+        turns = int(rng.integers(4))
+        image, label, valid = (np.rot90(a, turns) for a in (image, label, valid))
+    image = _intensity(np.ascontiguousarray(image), rng, config)
+    return image, np.ascontiguousarray(label), np.ascontiguousarray(valid)
+
+
+def _check(image: np.ndarray, label: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    image, label = np.asarray(image), np.asarray(label)
+    if label.ndim != 2 or not np.issubdtype(label.dtype, np.integer):
+        raise ValueError(f"label must be an integer [H, W] array, got {label.dtype} of shape {label.shape}")
+    if np.issubdtype(image.dtype, np.integer):
+        from nucjax.data.pipeline import normalize_image  # pipeline imports this module
+
+        image = normalize_image(image)
+    if image.ndim != 3 or image.shape[2] != 3 or image.shape[:2] != label.shape:
+        raise ValueError(f"image must be [H, W, 3] with the label's H, W {label.shape}, got shape {image.shape}")
+    return image.astype(np.float32, copy=False), label.astype(np.int32, copy=False)
+
+
+def _scale(rng: np.random.Generator, scale_range: Any) -> float:
+    """A zoom factor drawn log-uniformly from scale_range (> 1 magnifies); 1.0 when the range is empty or (1, 1)."""
+    if not scale_range:
+        return 1.0
+    low, high = scale_range
+    if not 0 < low <= high:
+        raise ValueError(f"data.augment.scale_range must be (low, high) with 0 < low <= high, got {scale_range}")
+    return 1.0 if low == high == 1.0 else float(np.exp(rng.uniform(np.log(low), np.log(high))))
+
+
+def _window(
+    label: np.ndarray, rng: np.random.Generator, nuclei_prob: float, size: int, scale: float
+) -> tuple[np.ndarray, np.ndarray]:
+    """Source coordinates f64[S] (rows, columns) sampled by each output pixel's centre.
+
+    The window spans S / scale source pixels, at an integer offset drawn uniformly over the positions that keep it
+    inside the image (or keep the image inside it, when the image is smaller); with probability `nuclei_prob`
+    it is instead centred on a random nucleus pixel, then moved to the nearest such position."""
+    span = size / scale
+    limits = [(int(np.ceil(min(0, n - span))), int(np.floor(max(0, n - span)))) for n in label.shape]
+    if nuclei_prob > 0 and rng.random() < nuclei_prob and label.any():
+        pixels = np.flatnonzero(label)
+        centre = np.unravel_index(pixels[rng.integers(len(pixels))], label.shape)
+        starts = [int(np.clip(np.round(c + 0.5 - span / 2), lo, hi)) for c, (lo, hi) in zip(centre, limits)]
+    else:
+        starts = [int(rng.integers(lo, hi + 1)) for lo, hi in limits]
+    centres = (np.arange(size) + 0.5) / scale - 0.5
+    return starts[0] + centres, starts[1] + centres
+
+
+def _mirror(index: np.ndarray, n: int) -> np.ndarray:
+    """Integer indices folded into [0, n) by mirroring about the image edges (numpy's "symmetric" padding)."""
+    index = np.mod(index, 2 * n)
+    return np.where(index >= n, 2 * n - 1 - index, index)
+
+
+def _span(array: np.ndarray, start: int, stop: int, axis: int) -> np.ndarray:
+    """Indices start..stop-1 of `array` along axis 0 or 1, mirrored outside it (a view when inside)."""
+    n = array.shape[axis]
+    if 0 <= start and stop <= n:
+        return array[start:stop] if axis == 0 else array[:, start:stop]
+    return array.take(_mirror(np.arange(start, stop), n), axis=axis)
+
+
+def _resample(
+    image: np.ndarray, label: np.ndarray, ys: np.ndarray, xs: np.ndarray, exact: bool
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Image bilinear (mirrored outside), label nearest (0 outside) and valid (1 inside) at the grid ys x xs
+    (increasing, evenly spaced; `exact`: integer steps of 1, so every sample is a pixel)."""
+    height, width = label.shape
+    near_y, near_x = np.floor(ys + 0.5).astype(np.int64), np.floor(xs + 0.5).astype(np.int64)
+    inside_y = (near_y >= 0) & (near_y < height)
+    inside_x = (near_x >= 0) & (near_x < width)
+    valid = (inside_y[:, None] & inside_x[None, :]).astype(np.float32)
+    if exact:
+        out_label = _span(_span(label, near_y[0], near_y[-1] + 1, 0), near_x[0], near_x[-1] + 1, 1)
+        out_image = _span(_span(image, near_y[0], near_y[-1] + 1, 0), near_x[0], near_x[-1] + 1, 1)
+    else:  # separable: a source window's rows, then its columns
+        out_label = label[np.ix_(_mirror(near_y, height), _mirror(near_x, width))]
+        y0, x0 = np.floor(ys).astype(np.int64), np.floor(xs).astype(np.int64)
+        window = _span(_span(image, y0[0], y0[-1] + 2, 0), x0[0], x0[-1] + 2, 1)
+        wy, wx = (ys - y0).astype(np.float32)[:, None, None], (xs - x0).astype(np.float32)[None, :, None]
+        rows = window.take(y0 - y0[0], axis=0) * (1 - wy) + window.take(y0 - y0[0] + 1, axis=0) * wy
+        out_image = rows.take(x0 - x0[0], axis=1) * (1 - wx) + rows.take(x0 - x0[0] + 1, axis=1) * wx
+    out_label = np.where(valid > 0, out_label, 0)
+    return out_image.astype(np.float32, copy=False), out_label.astype(np.int32, copy=False), valid
+
+
+def _intensity(image: np.ndarray, rng: np.random.Generator, config: Any) -> np.ndarray:
+    """Colour-to-grey, inversion, gamma, contrast, brightness and Gaussian noise (one value per pixel for all
+    channels, std drawn up to noise_std), each drawn per image; float32 throughout."""
+    image = image.astype(np.float32)
+    if config.grey_prob > 0 and rng.random() < config.grey_prob:
+        image[...] = image.mean(axis=2, keepdims=True)
+    if config.invert_prob > 0 and rng.random() < config.invert_prob:
+        np.subtract(1.0, image, out=image)
+    if config.gamma > 0:
+        gamma = float(np.exp(rng.uniform(-config.gamma, config.gamma)))
+        image = np.copysign(np.abs(image) ** gamma, image)
+    if config.contrast > 0:
+        mean = float(image.mean())
+        image = (image - mean) * float(rng.uniform(1 - config.contrast, 1 + config.contrast)) + mean
+    if config.brightness > 0:
+        image += float(rng.uniform(-config.brightness, config.brightness))
+    if config.noise_std > 0:
+        image += float(rng.uniform(0, config.noise_std)) * rng.standard_normal((*image.shape[:2], 1), np.float32)
+    return image

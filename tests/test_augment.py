@@ -1,0 +1,134 @@
+"""Augmentation keeps image and labels aligned (checked on an image that encodes its pixel coordinates)."""
+
+import numpy as np
+import pytest
+
+from nucjax.config import load_config
+from nucjax.data import augment, pipeline
+from tests.conftest import REPO
+
+
+def _config(**changes):
+    config = load_config(REPO / "configs" / "default.py").data.augment
+    config.update(changes)
+    return config
+
+
+GEOMETRY_ONLY = dict(brightness=0.0, contrast=0.0, gamma=0.0, noise_std=0.0, grey_prob=0.0, invert_prob=0.0)
+
+
+def _coordinate_image(height: int, width: int) -> tuple[np.ndarray, np.ndarray]:
+    """Channel 0 = row / 100, channel 1 = column / 100; label = 1 + row * width + column (one id per pixel)."""
+    rows, cols = np.mgrid[:height, :width].astype(np.float32)
+    image = np.stack([rows / 100, cols / 100, np.zeros_like(rows)], axis=2)
+    return image, (1 + rows * width + cols).astype(np.int32)
+
+
+@pytest.mark.parametrize("shape", [(150, 130), (50, 70)])
+def test_labels_stay_on_the_pixels_the_image_shows(shape):
+    image, label = _coordinate_image(*shape)
+    config = _config(scale_range=(0.8, 1.25), nuclei_crop_prob=0.5, **GEOMETRY_ONLY)
+    for seed in range(40):
+        out_image, out_label, valid = augment.augment(image, label, np.random.default_rng(seed), config, 64)
+        assert out_image.shape == (64, 64, 3) and out_image.dtype == np.float32
+        assert out_label.shape == valid.shape == (64, 64) and out_label.dtype == np.int32 and valid.dtype == np.float32
+        rows, cols = out_image[..., 0] * 100, out_image[..., 1] * 100
+        tie = (np.abs(rows % 1 - 0.5) < 1e-2) | (np.abs(cols % 1 - 0.5) < 1e-2)  # bilinear halfway: either side
+        expected = 1 + np.round(rows).astype(np.int64) * shape[1] + np.round(cols).astype(np.int64)
+        inside = (valid == 1) & ~tie
+        np.testing.assert_array_equal(out_label[inside], expected[inside])
+        assert (out_label[valid == 0] == 0).all()
+        if shape[0] < 64 / 1.25:
+            assert (valid == 0).any()  # the image is smaller than every window: mirrored padding, marked invalid
+
+
+def test_flips_and_rotations_without_scale_are_exact_permutations():
+    image, label = _coordinate_image(64, 64)
+    config = _config(scale_range=(1.0, 1.0), **GEOMETRY_ONLY)
+    seen = set()
+    for seed in range(30):
+        out_image, out_label, valid = augment.augment(image, label, np.random.default_rng(seed), config, 64)
+        assert valid.all()
+        rows, cols = np.rint(out_image[..., 0] * 100).astype(int), np.rint(out_image[..., 1] * 100).astype(int)
+        np.testing.assert_allclose(out_image[..., 0] * 100, rows, atol=1e-4)  # no interpolation at scale 1
+        np.testing.assert_array_equal(out_label, 1 + rows * 64 + cols)
+        seen.add((rows[0, 0], cols[0, 0], rows[0, 1] - rows[0, 0], cols[0, 1] - cols[0, 0]))
+    assert len(seen) == 8  # all 8 symmetries of the square appear
+
+
+def test_labels_are_never_interpolated():
+    label = np.zeros((90, 90), np.int32)
+    label[10:40, 10:40] = 3
+    label[40:70, 20:60] = 8
+    image = np.random.default_rng(0).random((90, 90, 3), dtype=np.float32)
+    for seed in range(10):
+        _, out_label, _ = augment.augment(image, label, np.random.default_rng(seed), _config(), 48)
+        assert set(np.unique(out_label)) <= {0, 3, 8}
+
+
+def test_nuclei_crop_prob_biases_crops_towards_nuclei():
+    label = np.zeros((400, 400), np.int32)
+    label[300:305, 300:305] = 1
+    image = np.zeros((400, 400, 3), np.float32)
+    contains = {}
+    for prob in (0.0, 1.0):
+        config = _config(nuclei_crop_prob=prob, scale_range=(1.0, 1.0), **GEOMETRY_ONLY)
+        hits = [augment.augment(image, label, np.random.default_rng(s), config, 64)[1].any() for s in range(20)]
+        contains[prob] = sum(hits)
+    assert contains[1.0] == 20 and contains[0.0] < 5
+
+
+def test_same_rng_seed_gives_the_same_output():
+    image, label = _coordinate_image(100, 120)
+    first = augment.augment(image, label, np.random.default_rng(7), _config(), 64)
+    second = augment.augment(image, label, np.random.default_rng(7), _config(), 64)
+    other = augment.augment(image, label, np.random.default_rng(8), _config(), 64)
+    for a, b in zip(first, second):
+        np.testing.assert_array_equal(a, b)
+    assert not np.array_equal(first[0], other[0])
+
+
+def _identity_view(**intensity):
+    """Augment a 32 x 32 random image with geometry off and only the given intensity changes."""
+    image = np.random.default_rng(1).random((32, 32, 3), dtype=np.float32)
+    label = np.zeros((32, 32), np.int32)
+    config = _config(scale_range=(1.0, 1.0), flip=False, rot90=False, **{**GEOMETRY_ONLY, **intensity})
+    return image, augment.augment(image, label, np.random.default_rng(5), config, 32)[0]
+
+
+def test_intensity_changes_follow_their_definitions():
+    image, out = _identity_view()
+    np.testing.assert_array_equal(out, image)
+    _, out = _identity_view(grey_prob=1.0)
+    np.testing.assert_allclose(out, np.repeat(image.mean(axis=2, keepdims=True), 3, axis=2), atol=1e-6)
+    _, out = _identity_view(invert_prob=1.0)
+    np.testing.assert_allclose(out, 1 - image, atol=1e-6)
+    _, out = _identity_view(brightness=0.1)
+    shift = out - image
+    assert np.ptp(shift) < 1e-5 and 0 < abs(shift.mean()) <= 0.1
+    _, out = _identity_view(contrast=0.2)
+    factor = (out - image.mean()) / (image - image.mean())
+    assert np.ptp(factor) < 1e-3 and 0.8 <= factor.mean() <= 1.2 and factor.mean() != 1
+    _, out = _identity_view(gamma=0.2)
+    middle = (image > 0.05) & (image < 0.95)
+    gamma = np.log(out[middle]) / np.log(image[middle])
+    assert np.ptp(gamma) < 1e-3 and np.exp(-0.2) <= gamma.mean() <= np.exp(0.2)
+    _, out = _identity_view(noise_std=0.05)
+    assert 0 < (out - image).std() <= 0.05 * 1.1
+
+
+def test_integer_images_are_normalised_first():
+    image = np.random.default_rng(2).integers(0, 256, (40, 40, 3)).astype(np.uint8)
+    label = np.zeros((40, 40), np.int32)
+    config = _config()
+    got = augment.augment(image, label, np.random.default_rng(3), config, 32)[0]
+    want = augment.augment(pipeline.normalize_image(image), label, np.random.default_rng(3), config, 32)[0]
+    np.testing.assert_array_equal(got, want)
+
+
+def test_mismatched_image_and_label_are_rejected():
+    rng = np.random.default_rng()
+    with pytest.raises(ValueError, match="H, W"):
+        augment.augment(np.zeros((10, 12, 3), np.float32), np.zeros((10, 10), np.int32), rng, _config(), 8)
+    with pytest.raises(ValueError, match="integer"):
+        augment.augment(np.zeros((10, 10, 3), np.float32), np.zeros((10, 10)), rng, _config(), 8)

@@ -1,0 +1,219 @@
+"""The image normalisation, the grain training loader (seeds, shards, Orbax resume) and whole-image evaluation."""
+
+import grain
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+
+from nucjax.config import load_config
+from nucjax.data import pipeline, targets
+from tests.conftest import REPO
+
+ALL_TARGETS = ["foreground", "boundary", "three_class", "weight_map", "distance", "instances"]
+
+
+def _config(batch_size=4, workers=0):
+    config = load_config(REPO / "configs" / "default.py")
+    config.data.crop_size = 32
+    config.data.num_workers = workers
+    config.train.batch_size = batch_size
+    config.targets.max_instances = 8
+    config.targets.mask_size = 8
+    return config
+
+
+def _source(count=6):
+    """A list of small examples (varied sizes, some smaller than the crop) with a few rectangles each."""
+    rng = np.random.default_rng(0)
+    examples = []
+    for i in range(count):
+        height, width = (24, 40) if i % 3 == 0 else (48 + 4 * i, 56)
+        label = np.zeros((height, width), np.int32)
+        for k in range(1, 5):
+            y, x = rng.integers(0, height - 8), rng.integers(0, width - 8)
+            label[y : y + rng.integers(4, 9), x : x + rng.integers(4, 9)] = k
+        image = (rng.integers(0, 60, (height, width, 3)) + 150 * (label > 0)[..., None]).astype(np.uint8)
+        examples.append({"id": f"img{i}", "image": image, "label": label, "modality": "fluorescence"})
+    return examples
+
+
+def _take(iterator, count):
+    return [next(iterator) for _ in range(count)]
+
+
+def _loader(config, names, seed=1, shard=(0, 1)):
+    index, count = shard
+    return pipeline.train_loader(_source(), config, target_names=names, seed=seed, shard_index=index, shard_count=count)
+
+
+def _assert_same(batches_a, batches_b):
+    assert len(batches_a) == len(batches_b)
+    for a, b in zip(batches_a, batches_b):
+        assert sorted(a) == sorted(b)
+        for key in a:
+            np.testing.assert_array_equal(a[key], b[key], err_msg=key)
+
+
+def test_normalize_maps_the_percentiles_to_zero_and_one():
+    image = np.arange(1001, dtype=np.float32).reshape(7, 143)  # percentiles 1 and 99.8 of 0..1000: 10 and 998
+    out = pipeline.normalize_image(image)
+    assert out.shape == (7, 143, 3) and out.dtype == np.float32
+    np.testing.assert_allclose(out[..., 0], (image - 10) / 988, rtol=1e-5, atol=1e-6)
+    np.testing.assert_array_equal(out[..., 0], out[..., 2])
+
+
+@pytest.mark.parametrize("dtype, top", [(np.uint8, 255), (np.uint16, 4000), (np.float32, 1.0)])
+def test_normalize_equals_the_percentile_formula(dtype, top):
+    rng = np.random.default_rng(4)
+    image = (rng.random((37, 41, 3)) ** 3 * top).astype(dtype)  # skewed: mostly dark, like fluorescence
+    low, high = np.percentile(image, (1.0, 99.8))
+    np.testing.assert_allclose(pipeline.normalize_image(image), (image - low) / (high - low), rtol=1e-5, atol=1e-5)
+
+
+def test_normalize_handles_dtypes_channels_and_constant_images():
+    rgb = np.random.default_rng(0).integers(0, 256, (20, 30, 3)).astype(np.uint8)
+    reference = pipeline.normalize_image(rgb)
+    rgba = np.concatenate([rgb, np.full((20, 30, 1), 255, np.uint8)], axis=2)
+    np.testing.assert_array_equal(pipeline.normalize_image(rgba), reference)
+    np.testing.assert_allclose(pipeline.normalize_image(rgb.astype(np.uint16) * 257), reference, atol=1e-5)
+    np.testing.assert_allclose(pipeline.normalize_image(rgb / 255.0), reference, atol=1e-5)
+    grey = pipeline.normalize_image(rgb, grey=True)
+    np.testing.assert_allclose(grey[..., 1], pipeline.normalize_image(rgb.mean(axis=2))[..., 0], atol=1e-5)
+    np.testing.assert_array_equal(pipeline.normalize_image(np.full((5, 5), 7, np.uint8)), 0)
+    sparse = np.zeros((50, 50), np.uint8)
+    sparse[0, 0] = 200  # the 99.8th percentile is 0: the maximum is used instead
+    assert pipeline.normalize_image(sparse)[0, 0, 0] == 1.0
+    with pytest.raises(ValueError, match="shape"):
+        pipeline.normalize_image(np.zeros((4, 4, 5)))
+
+
+def test_normalize_inverts_bright_background_when_asked():
+    image = np.full((20, 20), 230, np.uint8)
+    image[5:10, 5:10] = 40  # dark nucleus on a bright background
+    plain = pipeline.normalize_image(image)
+    inverted = pipeline.normalize_image(image, invert_bright=True)
+    np.testing.assert_allclose(inverted, 1 - plain)
+    assert inverted[7, 7, 0] > inverted[0, 0, 0]
+    dark = 255 - image
+    np.testing.assert_array_equal(pipeline.normalize_image(dark, invert_bright=True), pipeline.normalize_image(dark))
+
+
+def test_batches_have_fixed_shapes_and_consistent_targets():
+    config = _config()
+    for batch in _take(iter(_loader(config, ALL_TARGETS)), 3):
+        expected = {
+            "image": ((4, 32, 32, 3), np.float32), "valid": ((4, 32, 32), np.float32),
+            "foreground": ((4, 32, 32), np.float32), "boundary": ((4, 32, 32), np.float32),
+            "three_class": ((4, 32, 32), np.int32), "weight_map": ((4, 32, 32), np.float32),
+            "distance": ((4, 32, 32), np.float32), "boxes": ((4, 8, 4), np.float32),
+            "masks": ((4, 8, 8, 8), np.uint8), "instance_valid": ((4, 8), bool),
+        }  # fmt: skip
+        assert {key: (value.shape, value.dtype) for key, value in batch.items()} == expected
+        np.testing.assert_array_equal(batch["foreground"], batch["three_class"] > 0)
+        np.testing.assert_array_equal(batch["boundary"], batch["three_class"] == 2)
+        assert (batch["foreground"][batch["valid"] == 0] == 0).all()
+        assert batch["instance_valid"].any()
+
+
+def test_targets_of_a_padded_crop_are_the_image_targets_with_no_boundary_at_its_edge():
+    label = np.zeros((20, 24), np.int32)
+    label[:, :10] = 1  # touches three image edges
+    label[5:10, 15:20] = 2
+    image = (50 + 100 * (label > 0)[..., None] * np.ones(3)).astype(np.uint8)
+    config = _config(batch_size=2)
+    config.data.augment.update(scale_range=(1.0, 1.0), flip=False, rot90=False, nuclei_crop_prob=0.0)
+    names = ["boundary", "weight_map", "distance", "instances"]
+    source = [{"image": image, "label": label}] * 2
+    batch = next(iter(pipeline.train_loader(source, config, target_names=names, seed=0, shard_index=0, shard_count=1)))
+    want = targets.compute(label, names, config.targets)
+    for b in range(2):
+        y0, x0 = np.flatnonzero(batch["valid"][b].any(axis=1))[0], np.flatnonzero(batch["valid"][b].any(axis=0))[0]
+        inside = (slice(y0, y0 + 20), slice(x0, x0 + 24))
+        assert batch["valid"][b][inside].all() and batch["valid"][b].sum() == 20 * 24
+        for key in ("boundary", "weight_map", "distance"):
+            np.testing.assert_allclose(batch[key][b][inside], want[key], err_msg=key)
+            assert (batch[key][b][batch["valid"][b] == 0] == 0).all()
+        assert batch["boundary"][b][inside][:, 0].sum() == 0  # the image's left edge
+        np.testing.assert_array_equal(batch["boxes"][b][:2], want["boxes"][:2] + [y0, x0, y0, x0])
+        np.testing.assert_array_equal(batch["masks"][b], want["masks"])
+
+
+def test_same_seed_same_batches_other_seed_other_batches():
+    config = _config()
+    make = lambda seed: _take(iter(_loader(config, ["three_class"], seed=seed)), 4)
+    first, again, other = make(3), make(3), make(4)
+    _assert_same(first, again)
+    assert not np.array_equal(first[0]["image"], other[0]["image"])
+
+
+def test_seed_defaults_to_the_config_seed_and_shards_to_the_jax_processes():
+    config = _config()
+    config.seed = 5
+    default = _take(iter(pipeline.train_loader(_source(), config, target_names=["foreground"])), 2)
+    _assert_same(default, _take(iter(_loader(config, ["foreground"], seed=5)), 2))
+
+
+def test_shards_split_the_global_batches_whatever_the_shard_count():
+    config = _config(batch_size=4)
+    whole = _take(iter(_loader(config, ["boundary"], seed=2)), 3)
+    shards = [_take(iter(_loader(config, ["boundary"], seed=2, shard=(k, 2))), 3) for k in range(2)]
+    for step, batch in enumerate(whole):
+        for k in range(2):
+            assert shards[k][step]["image"].shape == (2, 32, 32, 3)
+            for key in batch:  # process k's row j is global position 2 * j + k of the step's batch
+                np.testing.assert_array_equal(shards[k][step][key], batch[key][k::2], err_msg=key)
+
+
+@pytest.mark.parametrize("workers", [0, 1])
+def test_resume_from_an_orbax_composite_checkpoint_gives_the_same_next_batches(tmp_path, workers):
+    config = _config(workers=workers)
+    make = lambda: _loader(config, ["foreground", "instances"], seed=9)
+    iterator = iter(make())
+    _take(iterator, 3)
+    manager = ocp.CheckpointManager(tmp_path / "ckpt")
+    manager.save(3, args=ocp.args.Composite(data=grain.checkpoint.CheckpointSave(iterator)))
+    manager.wait_until_finished()
+    expected = _take(iterator, 3)
+
+    resumed = iter(make())
+    restored = ocp.CheckpointManager(tmp_path / "ckpt").restore(
+        3, args=ocp.args.Composite(data=grain.checkpoint.CheckpointRestore(resumed))
+    )
+    _assert_same(_take(restored["data"], 3), expected)
+    manager.close()
+    if workers:  # worker processes change nothing in the batches
+        config.data.num_workers = 0
+        _assert_same(_take(iter(make()), 6)[3:], expected)
+
+
+def test_batch_size_must_divide_over_the_processes():
+    with pytest.raises(ValueError, match="train.batch_size=5"):
+        _loader(_config(batch_size=5), ["foreground"], shard=(0, 2))
+
+
+def test_unknown_target_name_is_rejected_before_loading():
+    with pytest.raises(ValueError, match="unknown target name.*'edges'"):
+        _loader(_config(), ["edges"])
+
+
+def test_bad_example_is_named_in_the_error():
+    source = _source(2)
+    source[1] = {**source[1], "label": source[1]["label"][:-3]}
+    with pytest.raises(ValueError, match="img1"):
+        list(pipeline.eval_examples(source, _config(), stride=16))
+
+
+def test_eval_examples_pad_to_the_stride_in_source_order():
+    source, config = _source(3), _config()
+    examples = list(pipeline.eval_examples(source, config, stride=16, target_names=["three_class"]))
+    assert [e["id"] for e in examples] == ["img0", "img1", "img2"]
+    for example, original in zip(examples, source):
+        height, width = original["label"].shape
+        padded = (-(-height // 16) * 16, -(-width // 16) * 16)
+        assert example["image"].shape == (1, *padded, 3) and example["valid"].shape == (1, *padded)
+        assert example["size"] == (height, width) and example["modality"] == "fluorescence"
+        np.testing.assert_array_equal(example["image"][0, :height, :width], pipeline.normalize_image(original["image"]))
+        assert example["valid"][0, :height, :width].all() and example["valid"].sum() == height * width
+        np.testing.assert_array_equal(example["label"], original["label"])
+        want = targets.compute(original["label"], ["three_class"], config.targets)["three_class"]
+        np.testing.assert_array_equal(example["three_class"], want)
