@@ -1,1 +1,13 @@
-"""Data: reading files, TFDS builders, training targets, augmentation and the grain input pipeline."""
+"""Data: reading files, TFDS builders, training targets, augmentation and the grain input pipeline.
+
+`nucjax.data.source(name, split, *, data_dir=None, manual_dir=None, **builder_kwargs)` opens a prepared split
+(see `nucjax.data.prepare.source`); it is imported on first use so that `nucjax.data.io` and friends stay light.
+"""
+
+
+def __getattr__(name: str):
+    if name == "source":
+        from nucjax.data.prepare import source
+
+        return source
+    raise AttributeError(f"module 'nucjax.data' has no attribute {name!r}")
