@@ -76,14 +76,17 @@ def _parse(key: str, text: str, old: Any) -> Any:
         if lowered in ("false", "0", "no"):
             return False
         raise ConfigError(f"config key {key!r} expects true or false, got {text!r}")
+    if isinstance(old, float):
+        try:
+            return float(text)
+        except ValueError:
+            raise ConfigError(f"config key {key!r} expects float, got {text!r}") from None
     try:
         value = ast.literal_eval(text)
     except (ValueError, SyntaxError):
         value = text
     if old is None:
         return value
-    if isinstance(old, float) and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
     if isinstance(old, (tuple, list)) and isinstance(value, (tuple, list)):
         return type(old)(value)
     if type(value) is not type(old):

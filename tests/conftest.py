@@ -24,3 +24,35 @@ def dsb2018() -> pathlib.Path:
     if path is None:
         pytest.skip("DSB2018 not found: set NUCJAX_DSB2018_DIR to the folder holding stage1_train/")
     return path
+
+
+TINY_OVERRIDES = (
+    "data.builder_kwargs.num_images=12", "data.builder_kwargs.height=64", "data.builder_kwargs.width=64",
+    "data.crop_size=64", "model.base_width=8", "model.depth=2", "train.batch_size=4", "train.steps=4",
+    "train.log_every=2", "train.eval_every=2", "train.checkpoint_every=2", "optim.warmup_steps=1",
+    "predict.tile_size=64", "predict.tile_overlap=16",
+)
+
+
+def tiny_config(data_dir, *overrides: str):
+    """The quickstart config shrunk to seconds: 12 synthetic 64² images, a width-8 depth-2 U-Net, 4 steps."""
+    from nucjax.config import load_config
+
+    return load_config(REPO / "configs" / "quickstart.py",
+                       [f"data.data_dir={data_dir}", *TINY_OVERRIDES, *overrides])
+
+
+@pytest.fixture(scope="session")
+def data_dir(tmp_path_factory) -> pathlib.Path:
+    """A session-wide folder for prepared test datasets."""
+    return tmp_path_factory.mktemp("datasets")
+
+
+@pytest.fixture(scope="session")
+def trained_workdir(tmp_path_factory, data_dir) -> pathlib.Path:
+    """A workdir holding a tiny quickstart run (4 steps, checkpoints at 2 and 4): for predictor and CLI tests."""
+    from nucjax.train import train_and_evaluate
+
+    workdir = tmp_path_factory.mktemp("quickstart")
+    train_and_evaluate(tiny_config(data_dir), workdir)
+    return workdir

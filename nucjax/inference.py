@@ -1,0 +1,177 @@
+"""The Predictor: a trained network plus its post-processing, applied to images of any size in overlapping tiles."""
+
+from __future__ import annotations
+
+import pathlib
+from typing import Any, Iterable, Mapping, Sequence
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from nucjax import variants
+from nucjax.data.pipeline import normalize_image
+
+
+def _tile_starts(length: int, tile: int, step: int) -> list[int]:
+    """Start offsets of tiles of size `tile` every `step` pixels covering [0, length); the last one ends at `length`."""
+    if length <= tile:
+        return [0]
+    starts = list(range(0, length - tile, step))
+    return starts + [length - tile]
+
+
+def _blend_window(tile: int, overlap: int) -> np.ndarray:
+    """float32[tile, tile] weights: 1 inside, a linear ramp over the outer overlap/2 pixels, never 0."""
+    ramp = np.ones(tile, np.float32)
+    margin = overlap // 2
+    if margin:
+        edge = (np.arange(margin, dtype=np.float32) + 0.5) / margin
+        ramp[:margin] = edge
+        ramp[-margin:] = edge[::-1]
+    return np.outer(ramp, ramp)
+
+
+class Predictor:
+    """Runs a trained variant on images: `predict_outputs` gives the network's maps, `predict` a label image.
+
+    Images larger than `tile_size` are cut into tiles overlapping by `tile_overlap` (multiples of the network's
+    stride), run `tile_batch` at a time, and blended with a ramp window before post-processing.
+    """
+
+    def __init__(self, config: ml_collections.ConfigDict, variables: Mapping[str, Any], *,
+                 postprocess: Mapping[str, Any] | None = None, step: int | None = None,
+                 workdir: str | pathlib.Path | None = None, tile_size: int | None = None,
+                 tile_overlap: int | None = None, tile_batch: int | None = None, tta: bool | None = None):
+        self.config = config
+        self.variant = variants.get(config.variant)
+        self.module = self.variant.model(config)
+        self.variables = variables
+        self.step = step
+        self.workdir = workdir
+        self.postprocess_params = dict(config.postprocess.to_dict() if hasattr(config.postprocess, "to_dict")
+                                       else config.postprocess)
+        if postprocess:
+            self.postprocess_params.update(postprocess)
+        self.stride = 2 ** int(config.model.get("depth", 5))
+        self.tile_size = int(tile_size or config.predict.tile_size)
+        self.tile_overlap = int(tile_overlap if tile_overlap is not None else config.predict.tile_overlap)
+        self.tile_batch = int(tile_batch or config.predict.tile_batch)
+        self.tta = bool(config.predict.tta if tta is None else tta)
+        for name, value in (("predict.tile_size", self.tile_size), ("predict.tile_overlap", self.tile_overlap)):
+            if value % self.stride:
+                raise ValueError(f"config key {name!r} = {value} must be a multiple of the network stride {self.stride}")
+        if not 0 <= self.tile_overlap < self.tile_size:
+            raise ValueError(f"config key 'predict.tile_overlap' must be in [0, tile_size), got {self.tile_overlap}")
+        self._apply = jax.jit(lambda v, x: self.variant.apply(self.module, v, x, config))
+
+    # ---- network outputs ----
+
+    def _normalize(self, image: np.ndarray) -> np.ndarray:
+        return normalize_image(image, grey=self.config.data.grey, invert_bright=self.config.data.invert_bright)
+
+    def _run(self, batch: np.ndarray) -> np.ndarray:
+        """maps float32[B, h, w, C] of normalised images float32[B, h, w, 3] (h, w multiples of the stride)."""
+        if not self.tta:
+            return np.asarray(self._apply(self.variables, batch)["maps"], np.float32)
+        total = 0.0
+        for k in range(4):
+            for flip in (False, True):
+                x = np.rot90(batch, k, axes=(1, 2))
+                x = x[:, :, ::-1] if flip else x
+                y = np.asarray(self._apply(self.variables, np.ascontiguousarray(x))["maps"], np.float32)
+                y = y[:, :, ::-1] if flip else y
+                total = total + np.rot90(y, -k, axes=(1, 2))
+        return total / 8.0
+
+    def _padded_run(self, images: np.ndarray) -> np.ndarray:
+        """Pads float32[B, H, W, 3] by reflection to a multiple of the stride, runs, crops back."""
+        _, h, w, _ = images.shape
+        ph, pw = -h % self.stride, -w % self.stride
+        x = np.pad(images, ((0, 0), (0, ph), (0, pw), (0, 0)), mode="reflect" if min(h, w) > 1 else "edge")
+        return self._run(x)[:, :h, :w]
+
+    def predict_outputs(self, image: np.ndarray) -> dict[str, np.ndarray]:
+        """Network maps float32[H, W, C] for one image (H×W or H×W×C; uint8, uint16 or float)."""
+        if not self.variant.dense:
+            raise NotImplementedError(f"variant {self.variant.name!r} has no dense output maps")
+        x = self._normalize(image)
+        h, w, _ = x.shape
+        if max(h, w) <= self.tile_size:
+            return {"maps": self._padded_run(x[None])[0]}
+        return {"maps": self._tiled(x)}
+
+    def _tiled(self, x: np.ndarray) -> np.ndarray:
+        """Blended maps of an image larger than one tile; device memory bounded by `tile_batch` tiles."""
+        h, w, _ = x.shape
+        t = self.tile_size
+        # Pad to at least one tile and to a multiple of the stride so that every tile keeps the pooling grid.
+        ph, pw = max(t - h, -h % self.stride), max(t - w, -w % self.stride)
+        x = np.pad(x, ((0, ph), (0, pw), (0, 0)), mode="reflect")
+        hp, wp, _ = x.shape
+        step = t - self.tile_overlap
+        starts = [(y, x0) for y in _tile_starts(hp, t, step) for x0 in _tile_starts(wp, t, step)]
+        window = _blend_window(t, self.tile_overlap)[..., None]
+        total = weight = None
+        for i in range(0, len(starts), self.tile_batch):
+            chunk = starts[i:i + self.tile_batch]
+            tiles = np.stack([x[y:y + t, x0:x0 + t] for y, x0 in chunk])
+            maps = self._run(tiles)
+            if total is None:
+                total = np.zeros((hp, wp, maps.shape[-1]), np.float32)
+                weight = np.zeros((hp, wp, 1), np.float32)
+            for (y, x0), m in zip(chunk, maps):
+                total[y:y + t, x0:x0 + t] += m * window
+                weight[y:y + t, x0:x0 + t] += window
+        return (total / weight)[:h, :w]
+
+    # ---- instances ----
+
+    def to_instances(self, outputs: Mapping[str, np.ndarray], params: Mapping[str, Any] | None = None) -> np.ndarray:
+        """Label image int32[H, W] from the network outputs, with the stored (or given) post-processing parameters."""
+        merged = dict(self.postprocess_params)
+        if params:
+            merged.update(params)
+        return self.variant.to_instances(outputs, merged).astype(np.int32)
+
+    def predict(self, image: np.ndarray) -> np.ndarray:
+        """Label image int32[H, W] (0 = background, 1..N = nuclei) for one image of any size."""
+        return self.to_instances(self.predict_outputs(image))
+
+    def predict_many(self, images: Sequence[np.ndarray]) -> list[np.ndarray]:
+        """Label images for a list of images of equal size, run `tile_batch` at a time."""
+        if not images:
+            return []
+        shapes = {np.shape(im)[:2] for im in images}
+        if len(shapes) != 1:
+            raise ValueError(f"predict_many needs images of one size, got sizes {sorted(shapes)}")
+        h, w = shapes.pop()
+        if max(h, w) > self.tile_size:
+            return [self.predict(im) for im in images]
+        x = np.stack([self._normalize(im) for im in images])
+        maps = np.concatenate([self._padded_run(x[i:i + self.tile_batch]) for i in range(0, len(x), self.tile_batch)])
+        return [self.to_instances({"maps": m}) for m in maps]
+
+
+def evaluate_source(predictor: Predictor, source: Any, *, limit: int = 0, thresholds=None,
+                    progress: bool = False, keep_outputs: bool = False) -> tuple[Any, list]:
+    """Predicts every image of a data source and scores it with `nucjax.metrics`; returns (Report, outputs or [])."""
+    from nucjax import metrics
+
+    n = len(source) if not limit else min(limit, len(source))
+    acc = metrics.Accumulator(**({"thresholds": thresholds} if thresholds else {}))
+    kept = []
+    indices: Iterable[int] = range(n)
+    if progress:
+        from tqdm import tqdm
+
+        indices = tqdm(indices, desc="evaluate", unit="img", leave=False)
+    for i in indices:
+        example = source[i]
+        outputs = predictor.predict_outputs(example["image"])
+        pred = predictor.to_instances(outputs)
+        acc.add(np.asarray(example["label"]), pred, name=str(example["id"]))
+        if keep_outputs:
+            kept.append((example, outputs))
+    return acc.report(), kept

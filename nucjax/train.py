@@ -1,0 +1,286 @@
+"""python -m nucjax.train: a config -> the training loop, validation with the real post-processing, checkpoints.
+
+`train_and_evaluate(config, workdir)` is the whole public surface; the CLI only parses flags and calls it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import math
+import pathlib
+import signal
+import sys
+from typing import Any, Mapping
+
+import flax
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+
+from nucjax import checkpoint as checkpoint_lib
+from nucjax import config as config_lib
+from nucjax import parallel, variants
+from nucjax.inference import Predictor, evaluate_source
+from nucjax.runlog import RunLog
+
+VALIDATION_KEYS = ("dsb2018_score", "accuracy@0.5", "accuracy@0.75", "f1@0.5", "f1@0.75", "aji_plus")
+
+
+@flax.struct.dataclass
+class TrainState:
+    """Everything that changes during training, as one pytree (saved whole in every checkpoint)."""
+
+    step: jax.Array
+    params: Any
+    opt_state: Any
+    batch_stats: Any
+    rng: jax.Array
+
+    def variables(self) -> dict[str, Any]:
+        """The flax variables for `module.apply` (parameters, and batch statistics when the model has them)."""
+        out = {"params": self.params}
+        if self.batch_stats:
+            out["batch_stats"] = self.batch_stats
+        return out
+
+
+class TrainingError(RuntimeError):
+    """Training cannot go on (a NaN loss, for instance); the message says at which step and what is intact."""
+
+
+def create_learning_rate_fn(config: ml_collections.ConfigDict) -> optax.Schedule:
+    """Linear warm-up to `optim.learning_rate`, then cosine decay to zero at `train.steps`."""
+    warmup = min(config.optim.warmup_steps, max(config.train.steps - 1, 0))
+    return optax.warmup_cosine_decay_schedule(
+        init_value=0.0, peak_value=config.optim.learning_rate, warmup_steps=warmup,
+        decay_steps=max(config.train.steps, warmup + 1), end_value=0.0,
+    )
+
+
+def create_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransformation:
+    """AdamW with the warm-up + cosine schedule and global-norm gradient clipping."""
+    return optax.chain(
+        optax.clip_by_global_norm(config.optim.clip_norm),
+        optax.adamw(create_learning_rate_fn(config), b1=config.optim.b1, b2=config.optim.b2,
+                    weight_decay=config.optim.weight_decay),
+    )
+
+
+def create_train_state(config: ml_collections.ConfigDict, module: Any, tx: optax.GradientTransformation) -> TrainState:
+    """Initialises parameters from `config.seed` on a crop-sized dummy batch."""
+    init_rng, state_rng = jax.random.split(jax.random.PRNGKey(config.seed))
+    size = config.data.crop_size
+    variables = module.init({"params": init_rng, "dropout": init_rng}, jnp.zeros((1, size, size, 3)), train=False)
+    params = variables["params"]
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
+                      batch_stats=variables.get("batch_stats", {}), rng=state_rng)
+
+
+def train_step(state: TrainState, batch: Mapping[str, jax.Array], *, module: Any, tx: optax.GradientTransformation,
+               variant: variants.Variant, config: ml_collections.ConfigDict) -> tuple[TrainState, dict[str, jax.Array]]:
+    """One optimisation step: loss and gradients on the global batch, the AdamW update, the metrics of the step."""
+    rngs = {"dropout": jax.random.fold_in(state.rng, state.step)}
+
+    def loss_fn(params):
+        variables = {"params": params, **({"batch_stats": state.batch_stats} if state.batch_stats else {})}
+        loss, parts, new_model_state = variant.loss(module, variables, batch, rngs, True, config)
+        return loss, (parts, new_model_state)
+
+    (loss, (parts, new_model_state)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    batch_stats = new_model_state.get("batch_stats", state.batch_stats) if new_model_state else state.batch_stats
+    finite = jnp.all(jnp.stack([jnp.isfinite(x).all() for x in jax.tree.leaves(params)]))
+    metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads), "params_finite": finite, **parts}
+    return state.replace(step=state.step + 1, params=params, opt_state=opt_state, batch_stats=batch_stats), metrics
+
+
+def model_cost(variant: variants.Variant, module: Any, variables: Any, config: ml_collections.ConfigDict,
+               size: int) -> tuple[int, float]:
+    """(parameter count, forward FLOPs per image at size×size from XLA's cost analysis)."""
+    n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(variables["params"]))
+    x = jax.ShapeDtypeStruct((1, size, size, 3), jnp.float32)
+    compiled = jax.jit(lambda v, im: variant.apply(module, v, im, config)).lower(variables, x).compile()
+    cost = compiled.cost_analysis()
+    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+    return n_params, float(cost.get("flops", float("nan"))) if cost else float("nan")
+
+
+def validate(config: ml_collections.ConfigDict, state: TrainState, source: Any) -> dict[str, float]:
+    """Runs the real post-processing and instance metrics on the validation split."""
+    predictor = Predictor(config, state.variables())
+    report, _ = evaluate_source(predictor, source, limit=config.train.eval_max_images)
+    return validation_summary(report)
+
+
+def validation_summary(report: Any) -> dict[str, float]:
+    """The headline validation numbers of a metrics Report, keyed as logged."""
+    data = report.to_dict()
+    pooled = {round(row["threshold"], 2): row for row in data["pooled"]}
+    return {
+        "dsb2018_score": data["dsb2018_score"], "aji_plus": data["aji_plus"],
+        "accuracy@0.5": pooled[0.5]["accuracy"], "accuracy@0.75": pooled[0.75]["accuracy"],
+        "f1@0.5": pooled[0.5]["f1"], "f1@0.75": pooled[0.75]["f1"],
+    }
+
+
+def _data_source(config: ml_collections.ConfigDict, split: str) -> Any:
+    from nucjax import data
+
+    return data.source(config.data.name, split, data_dir=config.data.data_dir or None,
+                       manual_dir=config.data.manual_dir or None, **config.data.builder_kwargs.to_dict())
+
+
+class _Stop:
+    """Set by SIGTERM/SIGINT: the loop saves a checkpoint and returns."""
+
+    def __init__(self):
+        self.requested = False
+        self._previous = {}
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            try:
+                self._previous[sig] = signal.signal(sig, self._handle)
+            except ValueError:  # not the main thread
+                pass
+
+    def _handle(self, signum, frame):
+        self.requested = True
+
+    def restore(self):
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> TrainState:
+    """Trains `config.variant` as the config says, in `workdir`; resumes from the workdir's latest checkpoint."""
+    from nucjax.data import pipeline
+
+    workdir = pathlib.Path(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    variant = variants.get(config.variant)
+    log = RunLog(workdir, total_steps=config.train.steps)
+    if jax.process_index() == 0:
+        (workdir / "config.json").write_text(config_lib.to_json(config))
+
+    # Data.
+    mesh = parallel.make_mesh()
+    parallel.check_batch_size(config.train.batch_size, mesh)
+    train_source = _data_source(config, config.data.train_split)
+    eval_source = _data_source(config, config.data.eval_split) if config.train.eval_every else None
+    loader = pipeline.train_loader(train_source, config, target_names=variant.target_names(config), seed=config.seed)
+    iterator = iter(loader)
+
+    # Model and train state.
+    module = variant.model(config)
+    tx = create_optimizer(config)
+    abstract = jax.eval_shape(functools.partial(create_train_state, config, module, tx))
+    state_sharding = jax.tree.map(lambda _: parallel.replicated(mesh), abstract)
+    checkpoints = checkpoint_lib.Checkpoints(workdir, keep=config.train.keep_checkpoints,
+                                             best_metric=config.train.best_metric)
+    start = checkpoints.latest_step()
+    if start is not None:
+        restore_target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                                      abstract, state_sharding)
+        state, iterator = checkpoints.restore_training(start, restore_target, iterator)
+        log.info(f"resumed from step {start} in {checkpoints.directory}")
+    else:
+        state = jax.jit(functools.partial(create_train_state, config, module, tx), out_shardings=state_sharding)()
+        start = 0
+    n_params, flops = model_cost(variant, module, state.variables(), config, config.data.crop_size)
+    log.info(f"{variant.name}: {n_params:,} parameters, {flops / 1e9:.2f} GFLOPs per {config.data.crop_size}² image "
+             f"(forward); {jax.device_count()} {jax.devices()[0].platform} device(s), global batch "
+             f"{config.train.batch_size}")
+    log.write({"step": start, "event": "start", "params": n_params, "gflops_per_image": flops / 1e9,
+               "devices": jax.device_count(), "platform": jax.devices()[0].platform})
+
+    step_fn = jax.jit(
+        functools.partial(train_step, module=module, tx=tx, variant=variant, config=config),
+        in_shardings=(state_sharding, parallel.data_sharded(mesh)),
+        out_shardings=(state_sharding, parallel.replicated(mesh)),
+        donate_argnums=0,
+    )
+
+    stop = _Stop()
+    pending: list[dict[str, jax.Array]] = []
+    last_good = start or None
+    step = start
+    try:
+        log.start(step)
+        while step < config.train.steps:
+            batch = parallel.put_batch(next(iterator), mesh)
+            state, metrics = step_fn(state, batch)
+            step += 1
+            pending.append(metrics)
+            checkpoint_due = step % config.train.checkpoint_every == 0 or step == config.train.steps or stop.requested
+            eval_due = config.train.eval_every and (step % config.train.eval_every == 0 or step == config.train.steps)
+            if step % config.train.log_every == 0 or checkpoint_due or eval_due:
+                means = _check_finite(pending, step, last_good, checkpoints.directory)
+                pending = []
+                log.train(step, means, lr=float(create_learning_rate_fn(config)(step - 1)),
+                          images=config.train.batch_size)
+            val = None
+            if eval_due:
+                val = validate(config, state, eval_source)
+                log.validation(step, val)
+            if checkpoint_due or val is not None:
+                checkpoints.save(step, state, iterator, config, metrics=val)
+                last_good = step
+            if stop.requested:
+                log.info(f"stopped by a signal at step {step}; checkpoint saved in {checkpoints.directory}")
+                break
+    finally:
+        stop.restore()
+        checkpoints.close()
+        log.close()
+    return state
+
+
+def _check_finite(pending: list[dict[str, jax.Array]], step: int, last_good: int | None,
+                  directory: pathlib.Path) -> dict:
+    """Means of the pending step metrics; raises TrainingError at the first non-finite loss or parameter update."""
+    values = jax.device_get(pending)
+    first = step - len(values) + 1
+    for i, m in enumerate(values):
+        problem = (f"the loss became {float(m['loss'])}" if not math.isfinite(float(m["loss"]))
+                   else None if m["params_finite"] else "the update made the parameters non-finite")
+        if problem:
+            kept = (f"The last good checkpoint (step {last_good}) in {directory} is intact" if last_good
+                    else "No checkpoint had been written yet")
+            raise TrainingError(f"{problem} at step {first + i}; training stopped. {kept}: lower "
+                                f"optim.learning_rate or check the data, then resume.")
+    return {k: float(np.mean([m[k] for m in values])) for k in values[0] if k != "params_finite"}
+
+
+def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
+    """Splits `--config.key=value` overrides from the other flags."""
+    parser = argparse.ArgumentParser(prog="python -m nucjax.train", description=__doc__.splitlines()[0])
+    parser.add_argument("--config", required=True, help="a config file, e.g. configs/unet_boundary.py")
+    parser.add_argument("--workdir", required=True, help="where checkpoints, metrics.jsonl and config.json go")
+    overrides, rest = [], []
+    for arg in argv:
+        (overrides if arg.startswith("--config.") else rest).append(arg)
+    args = parser.parse_args(rest)
+    return args, [o[len("--config."):] for o in overrides]
+
+
+def main(argv: list[str] | None = None) -> int:
+    args, overrides = parse_args(sys.argv[1:] if argv is None else argv)
+    try:
+        config = config_lib.load_config(args.config, overrides)
+        variants.get(config.variant)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    try:
+        train_and_evaluate(config, args.workdir)
+    except (TrainingError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
