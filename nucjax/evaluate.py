@@ -1,6 +1,7 @@
-"""python -m nucjax.evaluate: instance metrics of predicted label images against ground truth.
+"""python -m nucjax.evaluate: instance metrics of predicted label images against ground truth, or of a checkpoint.
 
-Each side is a folder of label images, a Kaggle-layout folder (<id>/masks/*.png) or a Kaggle RLE CSV.
+Two modes: `--gt PATH --pred PATH`, each side a folder of label images, a Kaggle-layout folder (<id>/masks/*.png)
+or a Kaggle RLE CSV; and `--checkpoint DIR --split NAME`, which runs the checkpoint's Predictor on a split.
 """
 
 import argparse
@@ -197,8 +198,16 @@ def _parser() -> argparse.ArgumentParser:
         "(.png 8/16-bit, .tif/.tiff, .npy; paired by file stem), a Kaggle-layout folder (<id>/masks/*.png) or a "
         "Kaggle RLE CSV (ImageId,EncodedPixels[,Height,Width]).",
     )
-    parser.add_argument("--gt", required=True, type=pathlib.Path, metavar="PATH", help="ground truth")
-    parser.add_argument("--pred", required=True, type=pathlib.Path, metavar="PATH", help="predictions")
+    parser.add_argument("--gt", type=pathlib.Path, metavar="PATH", help="ground truth")
+    parser.add_argument("--pred", type=pathlib.Path, metavar="PATH", help="predictions")
+    parser.add_argument("--checkpoint", type=pathlib.Path, metavar="DIR",
+                        help="a training workdir (or a checkpoint in it) to evaluate instead of --gt/--pred")
+    parser.add_argument("--split", default="validation", help="with --checkpoint: the split (validation, test, holdout)")
+    parser.add_argument("--step", default="best", help="with --checkpoint: best, latest or a step number")
+    parser.add_argument("--tune", action="store_true",
+                        help="with --checkpoint: first tune post-processing on the validation split and store it")
+    parser.add_argument("--limit", type=int, default=0, metavar="N", help="with --checkpoint: only the first N images")
+    parser.add_argument("--report", type=pathlib.Path, metavar="DIR", help="with --checkpoint: also write PNG figures")
     parser.add_argument(
         "--thresholds",
         type=_thresholds,
@@ -227,21 +236,53 @@ def _write_outputs(report: metrics.Report, json_path: pathlib.Path | None, csv_p
             writer.writerows(report.per_image)
 
 
+def evaluate_checkpoint(path: str | pathlib.Path, split: str = "validation", *, step: int | str = "best",
+                        limit: int = 0, tune: bool = False, report_dir: str | pathlib.Path | None = None,
+                        thresholds: Sequence[float] = metrics.DEFAULT_THRESHOLDS, error_iou: float = 0.7,
+                        progress: bool = True) -> metrics.Report:
+    """Runs the checkpoint's Predictor on a split of its own dataset and scores it (optionally tuning first)."""
+    from nucjax import checkpoint, data
+    from nucjax.inference import evaluate_source, tune_postprocess
+
+    predictor = checkpoint.load(path, step=step)
+    if tune:
+        params, score = tune_postprocess(predictor, data.source_for(predictor.config, predictor.config.data.eval_split),
+                                         limit=limit, progress=progress)
+        print(f"tuned post-processing (validation dsb2018_score {score:.4f}): {params}", file=sys.stderr)
+    source = data.source_for(predictor.config, split)
+    report, kept = evaluate_source(predictor, source, limit=limit, thresholds=thresholds, error_iou=error_iou,
+                                   progress=progress, keep_outputs=report_dir is not None)
+    if report_dir is not None:
+        from nucjax.report import write_report
+
+        write_report(report, kept, predictor, pathlib.Path(report_dir))
+    return report
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """The command line; returns the exit status (1 with a one-line message on stderr for unreadable input)."""
-    args = _parser().parse_args(argv)
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if (args.checkpoint is None) == (args.gt is None and args.pred is None) or (
+            args.checkpoint is None and (args.gt is None or args.pred is None)):
+        parser.error("give either --checkpoint DIR, or both --gt PATH and --pred PATH")
     try:
-        report = evaluate_folders(
-            args.gt,
-            args.pred,
-            thresholds=args.thresholds,
-            error_iou=args.error_iou,
-            missing_as_empty=args.missing_as_empty,
-            workers=args.workers,
-        )
+        if args.checkpoint is not None:
+            report = evaluate_checkpoint(args.checkpoint, args.split, step=args.step, limit=args.limit,
+                                         tune=args.tune, report_dir=args.report, thresholds=args.thresholds,
+                                         error_iou=args.error_iou)
+        else:
+            report = evaluate_folders(
+                args.gt,
+                args.pred,
+                thresholds=args.thresholds,
+                error_iou=args.error_iou,
+                missing_as_empty=args.missing_as_empty,
+                workers=args.workers,
+            )
         print(report.summary())
         _write_outputs(report, args.json, args.csv)
-    except (ValueError, OSError) as e:  # io.ReadError, mismatched names or shapes, unwritable outputs
+    except (ValueError, OSError) as e:  # io.ReadError, CheckpointError, mismatched names or shapes, unwritable outputs
         print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
         return 1
     return 0

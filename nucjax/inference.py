@@ -154,13 +154,13 @@ class Predictor:
         return [self.to_instances({"maps": m}) for m in maps]
 
 
-def evaluate_source(predictor: Predictor, source: Any, *, limit: int = 0, thresholds=None,
-                    progress: bool = False, keep_outputs: bool = False) -> tuple[Any, list]:
+def evaluate_source(predictor: Predictor, source: Any, *, limit: int = 0, thresholds: Sequence[float] | None = None,
+                    error_iou: float = 0.7, progress: bool = False, keep_outputs: bool = False) -> tuple[Any, list]:
     """Predicts every image of a data source and scores it with `nucjax.metrics`; returns (Report, outputs or [])."""
     from nucjax import metrics
 
     n = len(source) if not limit else min(limit, len(source))
-    acc = metrics.Accumulator(**({"thresholds": thresholds} if thresholds else {}))
+    acc = metrics.Accumulator(thresholds or metrics.DEFAULT_THRESHOLDS, error_iou)
     kept = []
     indices: Iterable[int] = range(n)
     if progress:
@@ -175,3 +175,24 @@ def evaluate_source(predictor: Predictor, source: Any, *, limit: int = 0, thresh
         if keep_outputs:
             kept.append((example, outputs))
     return acc.report(), kept
+
+
+def tune_postprocess(predictor: Predictor, source: Any, *, limit: int = 0, grid: Mapping[str, Sequence] | None = None,
+                     store: bool = True, progress: bool = True) -> tuple[dict, float]:
+    """Searches the post-processing parameters for the best mean dsb2018_score on `source` (a validation split);
+    applies them to `predictor` and, with `store`, saves them beside its checkpoint for every later `load()`."""
+    from nucjax import checkpoint, postprocess
+
+    name = predictor.variant.postprocess_name
+    if name is None:
+        raise ValueError(f"variant {predictor.variant.name!r} has no tunable post-processing")
+    n = len(source) if not limit else min(limit, len(source))
+    examples = [source[i] for i in range(n)]
+    maps = [predictor.predict_outputs(ex["image"])["maps"] for ex in examples]
+    gts = [np.asarray(ex["label"]) for ex in examples]
+    params, score = postprocess.tune(name, maps, gts, grid=grid, base_params=predictor.postprocess_params,
+                                     progress=progress)
+    predictor.postprocess_params = dict(params)
+    if store and predictor.workdir is not None and predictor.step is not None:
+        checkpoint.write_postprocess(predictor.workdir, predictor.step, params, score)
+    return params, score

@@ -127,13 +127,6 @@ def validation_summary(report: Any) -> dict[str, float]:
     }
 
 
-def _data_source(config: ml_collections.ConfigDict, split: str) -> Any:
-    from nucjax import data
-
-    return data.source(config.data.name, split, data_dir=config.data.data_dir or None,
-                       manual_dir=config.data.manual_dir or None, **config.data.builder_kwargs.to_dict())
-
-
 class _Stop:
     """Set by SIGTERM/SIGINT: the loop saves a checkpoint and returns."""
 
@@ -156,6 +149,7 @@ class _Stop:
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> TrainState:
     """Trains `config.variant` as the config says, in `workdir`; resumes from the workdir's latest checkpoint."""
+    from nucjax import data
     from nucjax.data import pipeline
 
     workdir = pathlib.Path(workdir)
@@ -168,8 +162,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
     # Data.
     mesh = parallel.make_mesh()
     parallel.check_batch_size(config.train.batch_size, mesh)
-    train_source = _data_source(config, config.data.train_split)
-    eval_source = _data_source(config, config.data.eval_split) if config.train.eval_every else None
+    train_source = data.source_for(config, config.data.train_split)
+    eval_source = data.source_for(config, config.data.eval_split) if config.train.eval_every else None
     loader = pipeline.train_loader(train_source, config, target_names=variant.target_names(config), seed=config.seed)
     iterator = iter(loader)
 

@@ -24,6 +24,7 @@ class Variant:
     apply(module, variables, images, config) -> dict of outputs with a leading batch axis;
     dense: outputs are per-pixel maps under the key "maps" (they can be tiled and blended);
     to_instances(outputs of one image as NumPy, params) -> int32[H, W] label image.
+    postprocess_name: the `nucjax.postprocess` entry behind to_instances, whose parameters tuning searches.
     """
 
     name: str
@@ -33,6 +34,7 @@ class Variant:
     apply: Callable[..., dict[str, jax.Array]]
     to_instances: Callable[[Mapping[str, np.ndarray], Mapping[str, Any]], np.ndarray]
     dense: bool = True
+    postprocess_name: str | None = None  # the nucjax.postprocess entry to_instances uses (what tuning searches)
 
 
 VARIANTS: dict[str, Variant] = {}
@@ -131,29 +133,21 @@ def _postprocessor(name: str) -> Callable[[Mapping[str, np.ndarray], Mapping[str
     return lambda outputs, params: postprocess.POSTPROCESSORS[name](np.asarray(outputs["maps"], np.float32), params)
 
 
-register(Variant(
-    name="unet_mask",
-    model=_unet(1),
-    target_names=_with_weight_map(("foreground",)),
-    loss=_unet_loss(_mask_objective),
-    apply=_unet_apply(jax.nn.sigmoid),
-    to_instances=_postprocessor("components"),
-))
+def _register_unet(name: str, out_channels: int, targets: tuple[str, ...], objective, activate, postprocessor: str):
+    """A U-Net variant: the shared backbone with its own heads, loss and post-processing."""
+    register(Variant(
+        name=name,
+        model=_unet(out_channels),
+        target_names=_with_weight_map(targets),
+        loss=_unet_loss(objective),
+        apply=_unet_apply(activate),
+        to_instances=_postprocessor(postprocessor),
+        postprocess_name=postprocessor,
+    ))
 
-register(Variant(
-    name="unet_boundary",
-    model=_unet(2),
-    target_names=_with_weight_map(("foreground", "boundary")),
-    loss=_unet_loss(_boundary_objective),
-    apply=_unet_apply(jax.nn.sigmoid),
-    to_instances=_postprocessor("boundary_watershed"),
-))
 
-register(Variant(
-    name="unet_3class",
-    model=_unet(3),
-    target_names=_with_weight_map(("three_class",)),
-    loss=_unet_loss(_three_class_objective),
-    apply=_unet_apply(lambda logits: jax.nn.softmax(logits, axis=-1)),
-    to_instances=_postprocessor("three_class"),
-))
+_register_unet("unet_mask", 1, ("foreground",), _mask_objective, jax.nn.sigmoid, "components")
+_register_unet("unet_boundary", 2, ("foreground", "boundary"), _boundary_objective, jax.nn.sigmoid,
+               "boundary_watershed")
+_register_unet("unet_3class", 3, ("three_class",), _three_class_objective,
+               lambda logits: jax.nn.softmax(logits, axis=-1), "three_class")

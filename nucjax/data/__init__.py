@@ -6,8 +6,8 @@
 
 
 def __getattr__(name: str):
-    if name == "source":
-        from nucjax.data.prepare import source
+    if name in ("source", "source_for"):
+        from nucjax.data import prepare
 
-        return source
+        return getattr(prepare, name)
     raise AttributeError(f"module 'nucjax.data' has no attribute {name!r}")

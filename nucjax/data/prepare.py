@@ -5,6 +5,7 @@ import dataclasses
 import os
 import pathlib
 import sys
+from typing import Any
 from collections.abc import Sequence
 
 import numpy as np
@@ -117,6 +118,14 @@ def source(
             + hints.get(split.split("[")[0], "")
         )
     return Source(dataset.as_data_source(split))
+
+
+def source_for(config: Any, split: str, *, data_dir: str | os.PathLike | None = None) -> Source:
+    """The split of the dataset a run config names (`data.name`, `data.data_dir`, `data.manual_dir`, builder settings)."""
+    data = config.data
+    settings = data.builder_kwargs.to_dict() if hasattr(data.builder_kwargs, "to_dict") else dict(data.builder_kwargs)
+    return source(data.name, split, data_dir=data_dir or data.data_dir or None, manual_dir=data.manual_dir or None,
+                  **settings)
 
 
 def _settings(extra: Sequence[str]) -> dict[str, str]:
