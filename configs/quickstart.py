@@ -13,10 +13,10 @@ def get_config():
     config.model.base_width = 16
     config.model.depth = 3
     config.train.batch_size = 8
-    config.train.steps = 600
+    config.train.steps = 400
     config.train.log_every = 50
-    config.train.eval_every = 300
-    config.train.checkpoint_every = 300
+    config.train.eval_every = 200
+    config.train.checkpoint_every = 200
     config.optim.learning_rate = 3e-3
     config.optim.warmup_steps = 50
     config.predict.tile_size = 512
