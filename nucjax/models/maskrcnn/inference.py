@@ -1,0 +1,96 @@
+"""Mask R-CNN inference: fixed-size detections (jittable) and pasting them into one label image (NumPy)."""
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from nucjax.models.maskrcnn.boxes import clip_boxes, decode, nms
+from nucjax.models.maskrcnn.model import SIZE_MULTIPLE, MaskRCNN, anchors_for, pool_rois
+from nucjax.models.maskrcnn.proposals import rpn_proposals
+
+
+def detect(module: MaskRCNN, variables, images: jax.Array, config: ml_collections.ConfigDict) -> dict[str, jax.Array]:
+    """Detections of images f32[B, H, W, 3] (padded internally to multiples of 32), best first.
+
+    Returns {"boxes": f32[B, D, 4], "scores": f32[B, D], "masks": f32[B, D, M, M] probabilities in each box,
+    "valid": bool[B, D]}, D = config.model.detections_per_image: proposals are scored by the box head, refined,
+    kept above `score_threshold`, NMS'd at `detection_nms_iou`, and the mask head runs on the kept boxes.
+    """
+    m = config.model
+    b, h, w = images.shape[:3]
+    padded = jnp.pad(images, ((0, 0), (0, -h % SIZE_MULTIPLE), (0, -w % SIZE_MULTIPLE), (0, 0)))
+    features = module.apply(variables, padded, method=MaskRCNN.features)
+    rpn_logits, rpn_deltas = module.apply(variables, features, method=MaskRCNN.rpn_outputs)
+    anchors = anchors_for(features, m)
+    level_sizes = [f.shape[1] * f.shape[2] * len(m.aspect_ratios) for f in features]
+    proposals, _, proposal_valid = jax.vmap(
+        lambda lg, dl: rpn_proposals(lg, dl, anchors, level_sizes, (h, w), m.rpn_pre_nms_topk_test,
+                                     m.rpn_post_nms_topk_test, m.rpn_nms_iou, m.rpn_min_size, m.nms_tile)
+    )(rpn_logits, rpn_deltas)
+    class_logits, deltas = module.apply(variables, pool_rois(features, proposals, m.box_pool_size, m),
+                                        method=MaskRCNN.box_outputs)
+    scores = jax.nn.softmax(class_logits)[..., 1]
+    boxes = clip_boxes(decode(deltas, proposals, m.box_weights), h, w)
+    nonempty = (boxes[..., 2] > boxes[..., 0]) & (boxes[..., 3] > boxes[..., 1])
+    ok = proposal_valid & nonempty & (scores > m.score_threshold)
+    keep, valid = jax.vmap(lambda bx, s, v: nms(bx, s, v, m.detection_nms_iou, m.detections_per_image, m.nms_tile))(
+        boxes, scores, ok
+    )
+    take = jax.vmap(lambda a, i: a[i])
+    boxes, scores = take(boxes, keep), take(scores, keep) * valid
+    masks = module.apply(variables, pool_rois(features, boxes, m.mask_pool_size, m), method=MaskRCNN.mask_outputs)
+    return {"boxes": boxes, "scores": scores, "masks": jax.nn.sigmoid(masks), "valid": valid}
+
+
+def _paste_weights(start: float, stop: float, size: int, mask_size: int) -> tuple[int, np.ndarray]:
+    """First pixel and weights f64[n, mask_size] sampling a box-mask axis at the pixel centres in [start, stop)."""
+    first, last = max(int(np.ceil(start - 0.5)), 0), min(int(np.ceil(stop - 0.5)), size)
+    centres = np.arange(first, last) + 0.5
+    coords = np.clip((centres - start) * (mask_size / (stop - start)) - 0.5, 0.0, mask_size - 1.0)
+    low = np.floor(coords).astype(int)
+    high = np.minimum(low + 1, mask_size - 1)
+    frac = coords - low
+    weights = np.zeros((len(centres), mask_size))
+    np.add.at(weights, (np.arange(len(centres)), low), 1.0 - frac)
+    np.add.at(weights, (np.arange(len(centres)), high), frac)
+    return first, weights
+
+
+def paste_masks(
+    boxes: np.ndarray,
+    scores: np.ndarray,
+    masks: np.ndarray,
+    valid: np.ndarray,
+    height: int,
+    width: int,
+    mask_threshold: float = 0.5,
+) -> np.ndarray:
+    """One image's detections (f32[D, 4], f32[D], f32[D, M, M] probabilities, bool[D]) -> int32[height, width] labels.
+
+    Each mask is resampled bilinearly at the centres of the pixels inside its box and thresholded (>= mask_threshold);
+    where masks overlap the higher score wins. Ids are 1..N in decreasing score over the instances left with pixels.
+    """
+    boxes, scores, masks, valid = (np.asarray(a) for a in (boxes, scores, masks, valid))
+    d = boxes.shape[0]
+    if boxes.shape != (d, 4) or scores.shape != (d,) or valid.shape != (d,) or masks.ndim != 3 or masks.shape[0] != d:
+        raise ValueError(
+            f"paste_masks: expected boxes [D, 4], scores [D], masks [D, M, M], valid [D]; got {boxes.shape}, "
+            f"{scores.shape}, {masks.shape}, {valid.shape}"
+        )
+    owner = np.full((height, width), -1, np.int64)
+    order = [i for i in np.argsort(scores, kind="stable") if valid[i]]  # increasing score: later ones win
+    for i in order:
+        y0, x0, y1, x1 = (float(v) for v in boxes[i])
+        if y1 <= y0 or x1 <= x0:
+            continue
+        top, wy = _paste_weights(y0, y1, height, masks.shape[1])
+        left, wx = _paste_weights(x0, x1, width, masks.shape[2])
+        inside = wy @ masks[i].astype(np.float64) @ wx.T >= mask_threshold
+        region = owner[top:top + wy.shape[0], left:left + wx.shape[0]]
+        region[inside] = i
+    present = np.unique(owner[owner >= 0])
+    ranked = present[np.argsort(-scores[present], kind="stable")]
+    lookup = np.zeros(d + 1, np.int32)
+    lookup[ranked + 1] = np.arange(1, len(ranked) + 1)
+    return lookup[owner + 1]
