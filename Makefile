@@ -7,6 +7,9 @@ STAMP := $(VENV)/.nucjax-installed
 WORKDIR ?= runs/quickstart
 PYTEST_ARGS ?=
 
+BUDGET ?= cpu
+STUDY_DIR ?= runs/study-$(BUDGET)
+
 .PHONY: demo test bench study clean-venv
 
 $(STAMP): setup.py
@@ -21,6 +24,9 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -n 2 $(PYTEST_ARGS) tests
+
+study: $(STAMP)
+	$(BIN)/python -m experiments.study --budget $(BUDGET) --workdir $(STUDY_DIR)
 
 bench: $(STAMP)
 	$(BIN)/python -m pip install --quiet -e '.[bench]'

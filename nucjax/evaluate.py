@@ -255,7 +255,7 @@ def evaluate_checkpoint(path: str | pathlib.Path, split: str = "validation", *, 
     if report_dir is not None:
         from nucjax.report import write_report
 
-        write_report(report, kept, predictor, pathlib.Path(report_dir))
+        write_report(report.to_dict(), kept, pathlib.Path(report_dir), to_instances=predictor.to_instances)
     return report
 
 

@@ -22,15 +22,27 @@ def _tile_starts(length: int, tile: int, step: int) -> list[int]:
     return starts + [length - tile]
 
 
-def _blend_window(tile: int, overlap: int) -> np.ndarray:
-    """float32[tile, tile] weights: 1 inside, a linear ramp over the outer overlap/2 pixels, never 0."""
-    ramp = np.ones(tile, np.float32)
-    margin = overlap // 2
-    if margin:
-        edge = (np.arange(margin, dtype=np.float32) + 0.5) / margin
-        ramp[:margin] = edge
-        ramp[-margin:] = edge[::-1]
-    return np.outer(ramp, ramp)
+def _edge_weights(tile: int, overlap: int, first: bool, last: bool) -> np.ndarray:
+    """float32[tile] blending weights along one axis: 0 on the outer overlap//4 pixels of a side shared with the
+    neighbouring tile, a linear ramp over the next overlap//2, 1 inside; a side on the image border keeps 1."""
+    zero, ramp = overlap // 4, overlap // 2
+    edge = np.concatenate([np.zeros(zero), (np.arange(ramp) + 0.5) / max(ramp, 1)]).astype(np.float32)
+    weights = np.ones(tile, np.float32)
+    if edge.size and not first:
+        weights[:edge.size] = edge
+    if edge.size and not last:
+        weights[-edge.size:] = np.minimum(weights[-edge.size:], edge[::-1])
+    return weights
+
+
+def _axis_tiles(length: int, tile: int, overlap: int) -> tuple[list[tuple[int, np.ndarray]], np.ndarray]:
+    """(start, weights) of the tiles along one axis, and float32[length] the sum of their weights (> 0 everywhere)."""
+    starts = _tile_starts(length, tile, tile - overlap)
+    tiles = [(s, _edge_weights(tile, overlap, i == 0, i == len(starts) - 1)) for i, s in enumerate(starts)]
+    total = np.zeros(length, np.float32)
+    for s, weights in tiles:
+        total[s:s + tile] += weights
+    return tiles, total
 
 
 class Predictor:
@@ -93,38 +105,46 @@ class Predictor:
         return self._run(x)[:, :h, :w]
 
     def predict_outputs(self, image: np.ndarray) -> dict[str, np.ndarray]:
-        """Network maps float32[H, W, C] for one image (H×W or H×W×C; uint8, uint16 or float)."""
-        if not self.variant.dense:
-            raise NotImplementedError(f"variant {self.variant.name!r} has no dense output maps")
+        """Network outputs for one image (H×W or H×W×C; uint8, uint16 or float): {"maps": float32[H, W, C]} for
+        dense variants; for detectors, their per-image detections plus "size" (run on the whole image, untiled)."""
         x = self._normalize(image)
         h, w, _ = x.shape
+        if not self.variant.dense:
+            outputs = jax.device_get(self._apply(self.variables, x[None]))
+            return {**{k: np.asarray(v[0]) for k, v in outputs.items()}, "size": np.array([h, w])}
         if max(h, w) <= self.tile_size:
             return {"maps": self._padded_run(x[None])[0]}
         return {"maps": self._tiled(x)}
 
     def _tiled(self, x: np.ndarray) -> np.ndarray:
-        """Blended maps of an image larger than one tile; device memory bounded by `tile_batch` tiles."""
+        """Blended maps float32[H, W, C] of an image larger than one tile; device memory bounded by `tile_batch` tiles,
+        host memory by the image and the maps (the weights are separable: one vector per axis).
+
+        A tile's outer overlap//4 pixels get weight 0, so when that is at least the network's receptive-field radius
+        and the model has no per-image statistics (norm "none", or "batch" at inference), the result equals the
+        untiled one; GroupNorm statistics depend on the tile, so there the blend only smooths the seams.
+        """
         h, w, _ = x.shape
         t = self.tile_size
         # Pad to at least one tile and to a multiple of the stride so that every tile keeps the pooling grid.
         ph, pw = max(t - h, -h % self.stride), max(t - w, -w % self.stride)
-        x = np.pad(x, ((0, ph), (0, pw), (0, 0)), mode="reflect")
-        hp, wp, _ = x.shape
-        step = t - self.tile_overlap
-        starts = [(y, x0) for y in _tile_starts(hp, t, step) for x0 in _tile_starts(wp, t, step)]
-        window = _blend_window(t, self.tile_overlap)[..., None]
-        total = weight = None
-        for i in range(0, len(starts), self.tile_batch):
-            chunk = starts[i:i + self.tile_batch]
-            tiles = np.stack([x[y:y + t, x0:x0 + t] for y, x0 in chunk])
-            maps = self._run(tiles)
+        if ph or pw:
+            x = np.pad(x, ((0, ph), (0, pw), (0, 0)), mode="reflect")
+        (rows, row_total), (cols, col_total) = (_axis_tiles(n, t, self.tile_overlap) for n in x.shape[:2])
+        tiles = [(y, wy, x0, wx) for y, wy in rows for x0, wx in cols]
+        total = None
+        for i in range(0, len(tiles), self.tile_batch):
+            chunk = tiles[i:i + self.tile_batch]
+            maps = self._run(np.stack([x[y:y + t, x0:x0 + t] for y, _, x0, _ in chunk]))
             if total is None:
-                total = np.zeros((hp, wp, maps.shape[-1]), np.float32)
-                weight = np.zeros((hp, wp, 1), np.float32)
-            for (y, x0), m in zip(chunk, maps):
-                total[y:y + t, x0:x0 + t] += m * window
-                weight[y:y + t, x0:x0 + t] += window
-        return (total / weight)[:h, :w]
+                total = np.zeros((h, w, maps.shape[-1]), np.float32)
+            for (y, wy, x0, wx), m in zip(chunk, maps):
+                dy, dx = min(t, h - y), min(t, w - x0)
+                if dy > 0 and dx > 0:
+                    total[y:y + dy, x0:x0 + dx] += m[:dy, :dx] * (wy[:dy, None, None] * wx[None, :dx, None])
+        total /= row_total[:h, None, None]
+        total /= col_total[None, :w, None]
+        return total
 
     # ---- instances ----
 
@@ -147,7 +167,7 @@ class Predictor:
         if len(shapes) != 1:
             raise ValueError(f"predict_many needs images of one size, got sizes {sorted(shapes)}")
         h, w = shapes.pop()
-        if max(h, w) > self.tile_size:
+        if max(h, w) > self.tile_size or not self.variant.dense:
             return [self.predict(im) for im in images]
         x = np.stack([self._normalize(im) for im in images])
         maps = np.concatenate([self._padded_run(x[i:i + self.tile_batch]) for i in range(0, len(x), self.tile_batch)])
@@ -178,7 +198,7 @@ def evaluate_source(predictor: Predictor, source: Any, *, limit: int = 0, thresh
 
 
 def tune_postprocess(predictor: Predictor, source: Any, *, limit: int = 0, grid: Mapping[str, Sequence] | None = None,
-                     store: bool = True, progress: bool = True) -> tuple[dict, float]:
+                     max_exhaustive: int = 256, store: bool = True, progress: bool = True) -> tuple[dict, float]:
     """Searches the post-processing parameters for the best mean dsb2018_score on `source` (a validation split);
     applies them to `predictor` and, with `store`, saves them beside its checkpoint for every later `load()`."""
     from nucjax import checkpoint, postprocess
@@ -191,7 +211,7 @@ def tune_postprocess(predictor: Predictor, source: Any, *, limit: int = 0, grid:
     maps = [predictor.predict_outputs(ex["image"])["maps"] for ex in examples]
     gts = [np.asarray(ex["label"]) for ex in examples]
     params, score = postprocess.tune(name, maps, gts, grid=grid, base_params=predictor.postprocess_params,
-                                     progress=progress)
+                                     max_exhaustive=max_exhaustive, progress=progress)
     predictor.postprocess_params = dict(params)
     if store and predictor.workdir is not None and predictor.step is not None:
         checkpoint.write_postprocess(predictor.workdir, predictor.step, params, score)

@@ -109,10 +109,11 @@ def model_cost(variant: variants.Variant, module: Any, variables: Any, config: m
     return n_params, float(cost.get("flops", float("nan"))) if cost else float("nan")
 
 
-def validate(config: ml_collections.ConfigDict, state: TrainState, source: Any) -> dict[str, float]:
-    """Runs the real post-processing and instance metrics on the validation split."""
-    predictor = Predictor(config, state.variables())
-    report, _ = evaluate_source(predictor, source, limit=config.train.eval_max_images)
+def validate(predictor: Predictor, state: TrainState, source: Any, limit: int = 0) -> dict[str, float]:
+    """Runs the real post-processing and instance metrics on the validation split with the current parameters
+    (one Predictor for the whole run, so each image size is compiled once)."""
+    predictor.variables = state.variables()
+    report, _ = evaluate_source(predictor, source, limit=limit)
     return validation_summary(report)
 
 
@@ -197,6 +198,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
         donate_argnums=0,
     )
 
+    predictor = Predictor(config, state.variables()) if eval_source is not None else None
     stop = _Stop()
     pending: list[dict[str, jax.Array]] = []
     last_good = start or None
@@ -217,7 +219,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
                           images=config.train.batch_size)
             val = None
             if eval_due:
-                val = validate(config, state, eval_source)
+                val = validate(predictor, state, eval_source, config.train.eval_max_images)
                 log.validation(step, val)
             if checkpoint_due or val is not None:
                 checkpoints.save(step, state, iterator, config, metrics=val)
