@@ -1,0 +1,193 @@
+"""Tests of the study (experiments/): the bootstrap against closed forms, the training-log costs against a hand-written
+log, budget checks, and the runner end to end on tiny synthetic runs (rows, skipping and re-evaluation, figures)."""
+
+import json
+import math
+import pathlib
+
+import numpy as np
+import pytest
+from scipy import stats as scipy_stats
+
+from experiments import stats, study
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+
+
+# ---- stats ----
+
+
+def test_mean_sd_is_the_sample_standard_deviation():
+    assert stats.mean_sd([1.0, 2.0, 3.0, 6.0]) == pytest.approx((3.0, math.sqrt(14 / 3)))
+    mean, sd = stats.mean_sd([0.5, None, float("nan")])
+    assert mean == 0.5 and math.isnan(sd)
+    assert all(math.isnan(x) for x in stats.mean_sd([]))
+
+
+def test_bootstrap_of_a_constant_difference_is_that_constant():
+    a = np.linspace(0.2, 0.9, 25)
+    interval = stats.paired_bootstrap(a + 0.1, a, n_boot=500)
+    assert interval.mean == pytest.approx(0.1)
+    assert interval.low == pytest.approx(0.1) and interval.high == pytest.approx(0.1)
+    assert interval.excludes_zero() and interval.n == 25
+
+
+def test_bootstrap_interval_of_plus_minus_one_differences_matches_the_binomial_quantiles():
+    # Differences: ten +1 and ten -1. A resampled mean is (2K - 20) / 20 with K ~ Binomial(20, 1/2), whose 2.5% and
+    # 97.5% quantiles are K = 6 and 14 (cdf(5) = 0.021 and cdf(6) = 0.058 are far from 0.025 at 200k draws).
+    a = np.array([1.0] * 10 + [0.0] * 10)
+    interval = stats.paired_bootstrap(a, a[::-1], n_boot=200_000, seed=1)
+    binom = scipy_stats.binom(20, 0.5)
+    expected = tuple((2 * binom.ppf(q) - 20) / 20 for q in (0.025, 0.975))
+    assert expected == (-0.4, 0.4)
+    assert (interval.low, interval.high) == pytest.approx(expected, abs=1e-12)
+    assert interval.mean == 0.0 and not interval.excludes_zero()
+
+
+def test_paired_difference_pairs_images_by_name_and_checks_they_agree():
+    a = {"x": 0.9, "y": 0.5, "z": 0.7}
+    b = {"z": 0.6, "x": 0.8, "y": 0.4}
+    assert stats.paired_difference(a, b, n_boot=200).mean == pytest.approx(0.1)
+    with pytest.raises(ValueError, match="different images"):
+        stats.paired_difference(a, {"x": 0.1})
+    assert stats.per_image_means([{"x": 0.2, "y": 1.0}, {"x": 0.4, "y": 0.0}]) == pytest.approx({"x": 0.3, "y": 0.5})
+    with pytest.raises(ValueError, match="run 1 scored other images"):
+        stats.per_image_means([{"x": 0.2}, {"y": 0.4}])
+
+
+# ---- costs from a training log ----
+
+
+def test_training_log_sums_sittings_and_finds_the_time_to_95_percent(tmp_path):
+    records = [
+        {"time": 100.0, "event": "start", "step": 0},
+        {"time": 110.0, "step": 10, "split": "train", "images_per_s": 4.0},
+        {"time": 112.0, "step": 10, "split": "validation", "dsb2018_score": 0.30},
+        {"time": 120.0, "step": 20, "split": "train", "images_per_s": 6.0},
+        # killed here; resumed an hour later from step 10
+        {"time": 3700.0, "event": "start", "step": 10},
+        {"time": 3710.0, "step": 20, "split": "train", "images_per_s": 5.0},
+        {"time": 3712.0, "step": 20, "split": "validation", "dsb2018_score": 0.58},
+        {"time": 3725.0, "step": 30, "split": "train", "images_per_s": 8.0},
+        {"time": 3727.0, "step": 30, "split": "validation", "dsb2018_score": 0.60},
+    ]
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    log = study.training_log(tmp_path)
+    assert log["train_wall_s"] == pytest.approx(20 + 27)
+    assert log["images_per_s"] == pytest.approx(5.5)
+    assert log["validation_curve"] == [[12.0, 10, 0.30], [32.0, 20, 0.58], [47.0, 30, 0.60]]
+    assert log["final_validation_score"] == 0.60
+    assert log["time_to_95_s"] == pytest.approx(32.0)  # 0.58 >= 0.95 * 0.60
+
+
+# ---- budgets ----
+
+
+def test_shipped_budgets_load_and_a_bad_budget_names_its_missing_key(tmp_path):
+    for name in ("cpu", "gpu"):
+        budget_name, budget = study.load_budget(name)
+        assert budget_name == name and budget.stain.chosen in budget.stain.settings
+    bad = tmp_path / "bad.py"
+    bad.write_text("import ml_collections\ndef get_config():\n    c = ml_collections.ConfigDict()\n"
+                   "    c.seeds = (0,)\n    return c\n")
+    with pytest.raises(study.StudyError, match="missing key 'variants'"):
+        study.load_budget(str(bad))
+    with pytest.raises(study.StudyError, match="budget 'nope'"):
+        study.load_budget("nope")
+
+
+def test_variant_selection_skips_an_unregistered_maskrcnn_and_rejects_unknown_names():
+    from nucjax import variants
+
+    _, budget = study.load_budget("cpu")
+    chosen = study.select_variants(budget, ["unet_mask", "maskrcnn"])
+    assert chosen == ["unet_mask"] + (["maskrcnn"] if "maskrcnn" in variants.VARIANTS else [])
+    assert study.select_variants(budget, None) == list(variants.VARIANTS)
+    with pytest.raises(study.StudyError, match="unknown variant 'unet_x'"):
+        study.select_variants(budget, ["unet_x"])
+
+
+# ---- end to end ----
+
+TINY = (
+    "data.name=synthetic_nuclei", "data.builder_kwargs.num_images=16", "data.builder_kwargs.height=64",
+    "data.builder_kwargs.width=64", "data.builder_kwargs.holdout_fraction=0.25", "data.crop_size=64",
+    "model.base_width=8", "model.depth=2", "train.batch_size=4", "train.steps=4", "train.log_every=2",
+    "train.eval_every=2", "train.checkpoint_every=2", "optim.warmup_steps=1", "predict.tile_size=64",
+    "predict.tile_overlap=16",
+)
+
+
+def _tiny_budget(tmp_path: pathlib.Path) -> pathlib.Path:
+    path = tmp_path / "tiny.py"
+    path.write_text(
+        "import pathlib\nfrom nucjax.config import load_config\n\n\ndef get_config():\n"
+        f"    c = load_config(pathlib.Path({str(REPO / 'configs' / 'study' / 'cpu.py')!r}))\n"
+        f"    c.overrides = {TINY!r}\n"
+        "    c.seeds = (0,)\n    c.classical_tune_images = 2\n    c.panel.crops = 1\n    c.panel.size = 32\n"
+        "    c.bootstrap_samples = 200\n    return c\n"
+    )
+    return path
+
+
+def test_study_end_to_end_writes_rows_tables_figures_and_skips_finished_runs(tmp_path, data_dir):
+    from nucjax import checkpoint, data
+    from nucjax.inference import evaluate_source
+
+    budget = _tiny_budget(tmp_path)
+    work, results, figures = tmp_path / "runs", tmp_path / "results", tmp_path / "figures"
+    argv = ["--budget", str(budget), "--workdir", str(work), "--variants", "unet_mask,unet_boundary",
+            "--data-dir", str(data_dir), "--results-dir", str(results), "--figures-dir", str(figures)]
+    assert study.main(argv) == 0
+
+    rows = study.read_rows(results / "tiny.jsonl")
+    assert [(r["method"], r["kind"]) for r in rows] == [
+        ("unet_mask", "learned"), ("unet_boundary", "learned"), ("otsu", "classical"), ("local_watershed", "classical")]
+    holdout = data.source_for(checkpoint.load(rows[0]["workdir"]).config, "holdout")
+    for row in rows:
+        assert row["budget"] == "tiny" and row["n_images"] == len(holdout) == 4
+        assert len(row["per_image"]) == 4 and 0 <= row["dsb2018_score"] <= 1
+        assert row["machine"]["cpu_count"] and row["commit"]
+        assert set(row["by_modality"]) == {"fluorescence"}
+    for row in rows[:2]:
+        assert row["seed"] == 0 and row["params"] > 0 and row["gflops_per_256"] > 0
+        assert row["train_wall_s"] > 0 and [p[1] for p in row["validation_curve"]] == [2, 4]
+        # The stored row is what the workdir's checkpoint (with its stored post-processing) scores on the holdout.
+        report, _ = evaluate_source(checkpoint.load(row["workdir"]), holdout)
+        assert report.dsb2018_score == pytest.approx(row["dsb2018_score"])
+    table = (results / "tiny.md").read_text()
+    assert "| unet_boundary |" in table and "against unet_mask" in table
+    assert (results / "tiny.csv").read_text().count("\n") == 5
+    pngs = sorted(p.name for p in figures.glob("*.png"))
+    assert pngs == [f"tiny-{n}.png" for n in ("accuracy_vs_cost", "accuracy_vs_iou", "crowded_crops", "error_types",
+                                             "validation_vs_time")]
+
+    # Second sitting: unet_mask is finished and skipped; unet_boundary lost its row, so it is evaluated again
+    # from its final checkpoint without training.
+    logs = {r["method"]: (work / f"{r['method']}-s0" / "metrics.jsonl").read_text() for r in rows[:2]}
+    kept = [r for r in rows if r["method"] != "unet_boundary"]
+    (results / "tiny.jsonl").write_text("".join(json.dumps(r) + "\n" for r in kept))
+    assert study.main(argv) == 0
+    again = study.read_rows(results / "tiny.jsonl")
+    assert sorted(r["method"] for r in again) == sorted(r["method"] for r in rows)
+    assert [r for r in again if r["method"] != "unet_boundary"] == kept
+    assert {m: (work / f"{m}-s0" / "metrics.jsonl").read_text() for m in logs} == logs
+
+
+def test_runs_carry_the_budget_the_chosen_stain_setting_and_their_seed(tmp_path):
+    _, budget = study.load_budget("cpu")
+    args = study.parse_args(["--budget", "cpu", "--workdir", str(tmp_path), "--data-dir", "/data"])
+    budget.stain.chosen = "grey_invert"
+    runs = study.plan(budget, args, ["unet_mask", "unet_boundary"], [0, 1])
+    assert [(r.method, r.seed) for r in runs] == [("unet_mask", 0), ("unet_boundary", 0), ("unet_mask", 1),
+                                                  ("unet_boundary", 1)]
+    config = study.run_config(runs[3])
+    assert config.variant == "unet_boundary" and config.seed == 1 and runs[3].workdir == tmp_path / "unet_boundary-s1"
+    assert config.data.grey and config.data.invert_bright and config.data.data_dir == "/data"
+    assert config.data.crop_size == 128 and config.data.builder_kwargs.holdout_fraction == 0.1
+    stain = study.stain_plan(budget, args, None)
+    assert [r.workdir.name for r in stain] == [f"stain-{s}-s0" for s in budget.stain.settings]
+    by_name = {r.method: study.run_config(r) for r in stain}
+    colour, augmented = by_name["colour"], by_name["colour_augment"]
+    assert not colour.data.grey and colour.data.augment.invert_prob == 0.0
+    assert augmented.data.augment.invert_prob == 0.5 and augmented.variant == budget.stain.variant
