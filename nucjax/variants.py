@@ -151,3 +151,45 @@ _register_unet("unet_boundary", 2, ("foreground", "boundary"), _boundary_objecti
                "boundary_watershed")
 _register_unet("unet_3class", 3, ("three_class",), _three_class_objective,
                lambda logits: jax.nn.softmax(logits, axis=-1), "three_class")
+
+
+# ---- Mask R-CNN: masks learned in parallel with box detection, per region. ----
+
+
+def _maskrcnn_model(config: ml_collections.ConfigDict):
+    from nucjax.models.maskrcnn import MaskRCNN
+
+    return MaskRCNN(config.model, dtype=compute_dtype(config))
+
+
+def _maskrcnn_loss(module, variables, batch, rngs, train, config):
+    from nucjax.models import maskrcnn
+
+    total, parts = maskrcnn.loss(module, variables, batch, rngs["dropout"], config, train)
+    return total, parts, {}
+
+
+def _maskrcnn_apply(module, variables, images, config):
+    from nucjax.models import maskrcnn
+
+    return maskrcnn.detect(module, variables, images, config)
+
+
+def _maskrcnn_instances(outputs: Mapping[str, np.ndarray], params: Mapping[str, Any]) -> np.ndarray:
+    """Pastes the detections of one image into a label image; `params["threshold"]` binarises the mask probabilities."""
+    from nucjax.models import maskrcnn
+
+    height, width = (int(v) for v in outputs["size"])
+    return maskrcnn.paste_masks(outputs["boxes"], outputs["scores"], outputs["masks"], outputs["valid"],
+                                height, width, mask_threshold=params["threshold"])
+
+
+register(Variant(
+    name="maskrcnn",
+    model=_maskrcnn_model,
+    target_names=lambda config: ("instances",),
+    loss=_maskrcnn_loss,
+    apply=_maskrcnn_apply,
+    to_instances=_maskrcnn_instances,
+    dense=False,
+))
