@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import pathlib
-from typing import Any, Mapping
+from typing import Any, Iterator, Mapping
 
 import grain
 import jax
+from absl import logging as absl_logging
 import ml_collections
 import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers as policies
@@ -156,17 +158,29 @@ def write_postprocess(workdir: str | pathlib.Path, step: int, params: Mapping[st
     return file
 
 
+@contextlib.contextmanager
+def quiet_libraries() -> Iterator[None]:
+    """Silences absl warnings (orbax's notes on read-only checkpoints, TFDS's on configs) that are not for users."""
+    previous = absl_logging.get_verbosity()
+    absl_logging.set_verbosity(absl_logging.ERROR)
+    try:
+        yield
+    finally:
+        absl_logging.set_verbosity(previous)
+
+
 def load(path: str | pathlib.Path, step: int | str = "best", **predictor_kwargs: Any):
     """Rebuilds a `Predictor` from a workdir (or a checkpoint in it): config and post-processing come from the checkpoint."""
     from nucjax.inference import Predictor
 
     workdir, named_step = find_workdir(path)
-    checkpoints = Checkpoints(workdir, read_only=True)
-    try:
-        step = checkpoints.resolve_step(named_step if named_step is not None else step)
-        config, state = checkpoints.restore_for_inference(step)
-    finally:
-        checkpoints.close()
+    with quiet_libraries():
+        checkpoints = Checkpoints(workdir, read_only=True)
+        try:
+            step = checkpoints.resolve_step(named_step if named_step is not None else step)
+            config, state = checkpoints.restore_for_inference(step)
+        finally:
+            checkpoints.close()
     variables = {"params": state["params"]}
     if state.get("batch_stats"):
         variables["batch_stats"] = state["batch_stats"]

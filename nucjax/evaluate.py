@@ -268,9 +268,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error("give either --checkpoint DIR, or both --gt PATH and --pred PATH")
     try:
         if args.checkpoint is not None:
-            report = evaluate_checkpoint(args.checkpoint, args.split, step=args.step, limit=args.limit,
-                                         tune=args.tune, report_dir=args.report, thresholds=args.thresholds,
-                                         error_iou=args.error_iou)
+            from nucjax.checkpoint import quiet_libraries
+
+            with quiet_libraries():
+                report = evaluate_checkpoint(args.checkpoint, args.split, step=args.step, limit=args.limit,
+                                             tune=args.tune, report_dir=args.report,
+                                             thresholds=args.thresholds, error_iou=args.error_iou)
         else:
             report = evaluate_folders(
                 args.gt,

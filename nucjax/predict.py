@@ -7,16 +7,14 @@ from scripts; `main` is the command line.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import csv
 import dataclasses
 import glob
 import pathlib
 import sys
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 
 import numpy as np
-from absl import logging as absl_logging
 from PIL import Image
 from skimage.color import hsv2rgb
 from skimage.measure import regionprops_table
@@ -193,16 +191,6 @@ def predict_files(predictor: Predictor, plans: Sequence[OutputPaths], *, rle: st
     return failed
 
 
-@contextlib.contextmanager
-def _absl_errors_only() -> Iterator[None]:
-    previous = absl_logging.get_verbosity()
-    absl_logging.set_verbosity(absl_logging.ERROR)
-    try:
-        yield
-    finally:
-        absl_logging.set_verbosity(previous)
-
-
 def _step(text: str) -> int | str:
     if text in ("best", "latest"):
         return text
@@ -243,9 +231,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                              table=args.table)
         if not args.overwrite:
             check_not_written([f for p in plans for f in p.files()] + ([args.rle] if args.rle else []))
-        with _absl_errors_only():  # orbax's notes on opening checkpoints read-only are not for users
-            predictor = checkpoint.load(args.checkpoint, step=args.step, tile_size=args.tile_size,
-                                        tile_overlap=args.tile_overlap, tta=True if args.tta else None)
+        predictor = checkpoint.load(args.checkpoint, step=args.step, tile_size=args.tile_size,
+                                    tile_overlap=args.tile_overlap, tta=True if args.tta else None)
         failed = predict_files(predictor, plans, rle=args.rle)
     except (ValueError, OSError) as e:  # bad inputs or checkpoint (CheckpointError), existing outputs, unwritable
         print(f"error: {' '.join(str(e).split())}", file=sys.stderr)

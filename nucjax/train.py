@@ -271,7 +271,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     try:
-        train_and_evaluate(config, args.workdir)
+        with checkpoint_lib.quiet_libraries():
+            train_and_evaluate(config, args.workdir)
     except (TrainingError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
