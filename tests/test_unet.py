@@ -8,7 +8,15 @@ import optax
 import pytest
 
 from nucjax import losses
-from nucjax.models.unet import GroupNorm, UNet, Upsample, count_params, forward_flops, max_pool_2x2
+from nucjax.models.unet import (
+    CPU_COMPILER_OPTIONS,
+    GroupNorm,
+    UNet,
+    Upsample,
+    count_params,
+    forward_flops,
+    max_pool_2x2,
+)
 
 X = np.random.default_rng(0).normal(size=(2, 16, 16, 3)).astype(np.float32)
 
@@ -53,7 +61,8 @@ def test_dense_upsampling_equals_transposed_conv():
     bias = jax.random.normal(jax.random.key(3), (4,))
     dense_kernel = kernel[::-1, ::-1].transpose(2, 0, 1, 3).reshape(6, 16)
     y_transpose = transpose.apply({"params": {"ConvTranspose_0": {"kernel": kernel, "bias": bias}}}, x)
-    y_dense = Upsample(4, "dense", jnp.float32).apply({"params": {"Dense_0": {"kernel": dense_kernel}, "bias": bias}}, x)
+    dense_params = {"Dense_0": {"kernel": dense_kernel}, "bias": bias}
+    y_dense = Upsample(4, "dense", jnp.float32).apply({"params": dense_params}, x)
     assert y_dense.shape == (2, 10, 14, 4)
     np.testing.assert_allclose(y_dense, y_transpose, atol=1e-5)
     # and by hand: output pixel (2i + a, 2j + b) = x[i, j] @ kernel[1 - a, 1 - b] + bias
@@ -61,7 +70,8 @@ def test_dense_upsampling_equals_transposed_conv():
 
 
 def test_dense_and_transpose_unets_agree_with_copied_weights():
-    dense, transpose = UNet(base_width=4, depth=2, groups=2), UNet(base_width=4, depth=2, groups=2, upsample="transpose")
+    dense = UNet(base_width=4, depth=2, groups=2)
+    transpose = UNet(base_width=4, depth=2, groups=2, upsample="transpose")
     variables = transpose.init(jax.random.key(0), X, train=False)
     params = dict(variables["params"])
     for name in [k for k in params if k.startswith("Upsample")]:
@@ -91,7 +101,8 @@ def test_max_pool_gradient_goes_to_the_first_of_tied_maxima():
 
 def test_group_norm_matches_flax_in_values_and_gradients():
     x = 2.0 * jax.random.normal(jax.random.key(0), (2, 4, 6, 8)) + 0.5
-    params = {"scale": 1.0 + jax.random.normal(jax.random.key(1), (8,)), "bias": jax.random.normal(jax.random.key(2), (8,))}
+    params = {"scale": 1.0 + jax.random.normal(jax.random.key(1), (8,)),
+              "bias": jax.random.normal(jax.random.key(2), (8,))}
     r = jax.random.normal(jax.random.key(3), x.shape)
     ours = lambda p, x: jnp.sum(GroupNorm(4).apply({"params": p}, x) * r)  # noqa: E731
     ref = lambda p, x: jnp.sum(nn.GroupNorm(num_groups=4, epsilon=1e-5).apply({"params": p}, x) * r)  # noqa: E731
@@ -155,6 +166,16 @@ def test_forward_flops_of_one_conv_is_the_closed_form():
     for batch in (1, 4):
         flops = forward_flops(lambda v, x, train: conv.apply(v, x), variables, (batch, 16, 16, 3))
         assert flops == pytest.approx(expected, rel=1e-6)
+
+
+def test_cpu_compiler_options_compile_the_same_gradients():
+    model = UNet(base_width=4, depth=2, groups=2)
+    variables = model.init(jax.random.key(0), X, train=False)
+    grad = lambda v: jax.grad(lambda v: jnp.sum(model.apply(v, X, train=True) ** 2))(v)  # noqa: E731
+    default = jax.jit(grad)(variables)
+    with_options = jax.jit(grad, compiler_options=CPU_COMPILER_OPTIONS)(variables)
+    for a, b in zip(jax.tree_util.tree_leaves(with_options), jax.tree_util.tree_leaves(default)):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4 * float(np.abs(b).max()))
 
 
 def two_squares(size: int = 32) -> tuple[np.ndarray, np.ndarray]:
