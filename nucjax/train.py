@@ -199,6 +199,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
     )
 
     predictor = Predictor(config, state.variables()) if eval_source is not None else None
+    learning_rate = create_learning_rate_fn(config)
     stop = _Stop()
     pending: list[dict[str, jax.Array]] = []
     last_good = start or None
@@ -215,8 +216,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
             if step % config.train.log_every == 0 or checkpoint_due or eval_due:
                 means = _check_finite(pending, step, last_good, checkpoints.directory)
                 pending = []
-                log.train(step, means, lr=float(create_learning_rate_fn(config)(step - 1)),
-                          images=config.train.batch_size)
+                log.train(step, means, lr=float(learning_rate(step - 1)), images=config.train.batch_size)
             val = None
             if eval_due:
                 val = validate(predictor, state, eval_source, config.train.eval_max_images)
