@@ -61,7 +61,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from torch_unet import TorchUNet, load_flax_params  # noqa: E402
 
 from nucjax import losses  # noqa: E402
-from nucjax.models.unet import CPU_COMPILER_OPTIONS, UNet, count_params, forward_flops  # noqa: E402
+from nucjax.models.cost import count_params, forward_flops  # noqa: E402
+from nucjax.models.unet import CPU_COMPILER_OPTIONS, UNet  # noqa: E402
 
 LR, WEIGHT_DECAY = 1e-3, 1e-4
 

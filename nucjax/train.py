@@ -24,6 +24,7 @@ from nucjax import checkpoint as checkpoint_lib
 from nucjax import config as config_lib
 from nucjax import parallel, variants
 from nucjax.inference import Predictor, evaluate_source
+from nucjax.models import cost
 from nucjax.runlog import RunLog
 
 VALIDATION_KEYS = ("dsb2018_score", "accuracy@0.5", "accuracy@0.75", "f1@0.5", "f1@0.75", "aji_plus")
@@ -101,12 +102,8 @@ def train_step(state: TrainState, batch: Mapping[str, jax.Array], *, module: Any
 def model_cost(variant: variants.Variant, module: Any, variables: Any, config: ml_collections.ConfigDict,
                size: int) -> tuple[int, float]:
     """(parameter count, forward FLOPs per image at size×size from XLA's cost analysis)."""
-    n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(variables["params"]))
-    x = jax.ShapeDtypeStruct((1, size, size, 3), jnp.float32)
-    compiled = jax.jit(lambda v, im: variant.apply(module, v, im, config)).lower(variables, x).compile()
-    cost = compiled.cost_analysis()
-    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-    return n_params, float(cost.get("flops", float("nan"))) if cost else float("nan")
+    flops = cost.forward_flops(lambda v, x, train: variant.apply(module, v, x, config), variables, (1, size, size, 3))
+    return cost.count_params(variables["params"]), flops
 
 
 def validate(predictor: Predictor, state: TrainState, source: Any, limit: int = 0) -> dict[str, float]:

@@ -8,13 +8,12 @@ import optax
 import pytest
 
 from nucjax import losses
+from nucjax.models.cost import count_params, forward_flops
 from nucjax.models.unet import (
     CPU_COMPILER_OPTIONS,
     GroupNorm,
     UNet,
     Upsample,
-    count_params,
-    forward_flops,
     max_pool_2x2,
 )
 
