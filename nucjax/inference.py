@@ -49,7 +49,8 @@ class Predictor:
     """Runs a trained variant on images: `predict_outputs` gives the network's maps, `predict` a label image.
 
     Images larger than `tile_size` are cut into tiles overlapping by `tile_overlap` (multiples of the network's
-    stride), run `tile_batch` at a time, and blended with a ramp window before post-processing.
+    stride), run `tile_batch` at a time, and blended (zero weight on each tile's outer overlap/4, then a ramp)
+    before post-processing.
     """
 
     def __init__(self, config: ml_collections.ConfigDict, variables: Mapping[str, Any], *,
@@ -62,8 +63,7 @@ class Predictor:
         self.variables = variables
         self.step = step
         self.workdir = workdir
-        self.postprocess_params = dict(config.postprocess.to_dict() if hasattr(config.postprocess, "to_dict")
-                                       else config.postprocess)
+        self.postprocess_params = config.postprocess.to_dict()
         if postprocess:
             self.postprocess_params.update(postprocess)
         self.stride = 2 ** int(config.model.get("depth", 5))
