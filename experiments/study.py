@@ -100,7 +100,7 @@ def select_variants(budget: ml_collections.ConfigDict, requested: Sequence[str] 
 
 
 def _common_overrides(budget: ml_collections.ConfigDict, args: argparse.Namespace) -> list[str]:
-    out = list(budget.overrides)
+    out = list(budget.overrides) + list(args.override or ())
     if args.data_dir:
         out.append(f"data.data_dir={args.data_dir}")
     if args.manual_dir:
@@ -437,14 +437,30 @@ def read_rows(path: pathlib.Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
-def write_row(path: pathlib.Path, row: Mapping) -> list[dict]:
-    """Adds `row` to the results file, replacing an earlier row of the same run; returns all rows."""
-    key = (row["experiment"], row["method"], row["seed"])
-    rows = [r for r in read_rows(path) if (r["experiment"], r["method"], r["seed"]) != key] + [_jsonable(row)]
+@contextlib.contextmanager
+def _locked(path: pathlib.Path) -> Iterator[None]:
+    """An exclusive lock on `path`.lock while in the block, so that several study processes (one per seed, say)
+    can share one results file."""
+    import fcntl
+
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text("".join(json.dumps(r, allow_nan=False) + "\n" for r in rows))
-    tmp.replace(path)
+    with open(path.with_suffix(".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+def write_row(path: pathlib.Path, row: Mapping) -> list[dict]:
+    """Adds `row` to the results file (atomically, under a lock), replacing an earlier row of the same run; returns
+    all rows."""
+    key = (row["experiment"], row["method"], row["seed"])
+    with _locked(path):
+        rows = [r for r in read_rows(path) if (r["experiment"], r["method"], r["seed"]) != key] + [_jsonable(row)]
+        tmp = path.with_suffix(f".tmp{os.getpid()}")
+        tmp.write_text("".join(json.dumps(r, allow_nan=False) + "\n" for r in rows))
+        tmp.replace(path)
     return rows
 
 
@@ -676,6 +692,14 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--figures-dir", type=pathlib.Path, default=FIGURES_DIR, help="default experiments/figures")
     parser.add_argument("--stain", action="store_true",
                         help="run the stain-robustness experiment (budget's stain section) instead of the main runs")
+    parser.add_argument("--override", action="append", metavar="KEY=VALUE",
+                        help="a config override for every run, after the budget's (repeatable), e.g. train.steps=1500")
+    parser.add_argument("--gather", action="store_true",
+                        help="train nothing: add the classical rows if missing, then write the tables and figures "
+                             "from the results file as it is")
+    parser.add_argument("--no-classical", dest="classical", action="store_false",
+                        help="skip the classical baselines (e.g. in all but one of several processes sharing a "
+                             "results file)")
     return parser.parse_args(argv)
 
 
@@ -688,19 +712,20 @@ def run_study(args: argparse.Namespace, command: str) -> list[pathlib.Path]:
     context = {"commit": commit(), "machine": machine(), "command": command}
     start = time.perf_counter()
     if args.stain:
-        runs = stain_plan(budget, args, args.seeds)
+        planned = stain_plan(budget, args, args.seeds)
         results = args.results_dir / f"{budget_name}-stain.jsonl"
     else:
-        runs = plan(budget, args, select_variants(budget, args.variants), args.seeds or list(budget.seeds))
+        planned = plan(budget, args, select_variants(budget, args.variants), args.seeds or list(budget.seeds))
         results = args.results_dir / f"{budget_name}.jsonl"
+    runs = [] if args.gather else planned
     rows = read_rows(results)
     for k, run in enumerate(runs, start=1):
         _say(f"run {k}/{len(runs)}")
         row = execute(run, budget_name, budget, rows, context)
         if row is not None:
             rows = write_row(results, row)
-    data_config = run_config(runs[0]) if runs else None  # the data settings every run shares
-    if not args.stain and data_config is not None:
+    data_config = run_config(planned[0]) if planned else None  # the data settings every run shares
+    if not args.stain and data_config is not None and args.classical:
         for name in budget.classical:
             if not any(r["method"] == name and r["kind"] == "classical" for r in rows):
                 rows = write_row(results, execute_classical(name, budget_name, budget, data_config, context))

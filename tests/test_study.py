@@ -191,3 +191,36 @@ def test_runs_carry_the_budget_the_chosen_stain_setting_and_their_seed(tmp_path)
     colour, augmented = by_name["colour"], by_name["colour_augment"]
     assert not colour.data.grey and colour.data.augment.invert_prob == 0.0
     assert augmented.data.augment.invert_prob == 0.5 and augmented.variant == budget.stain.variant
+
+
+def test_command_line_overrides_come_after_the_budget_and_before_the_seed(tmp_path):
+    _, budget = study.load_budget("cpu")
+    args = study.parse_args(["--budget", "cpu", "--workdir", str(tmp_path), "--override", "train.steps=7",
+                             "--override", "data.crop_size=64", "--no-classical", "--gather"])
+    assert not args.classical and args.gather
+    (run,) = study.plan(budget, args, ["unet_mask"], [2])
+    config = study.run_config(run)
+    assert config.train.steps == 7 and config.data.crop_size == 64 and config.seed == 2
+    assert config.train.batch_size == 8  # the budget's own overrides still apply
+
+
+def _write_rows(path: str, worker: int, n: int) -> None:
+    for k in range(n):
+        study.write_row(pathlib.Path(path), {"experiment": "main", "method": f"m{worker}", "seed": k, "x": k})
+
+
+def test_processes_sharing_a_results_file_lose_no_rows(tmp_path):
+    import multiprocessing
+
+    path = tmp_path / "shared.jsonl"
+    study.write_row(path, {"experiment": "main", "method": "m0", "seed": 0, "x": -1})  # replaced by worker 0
+    ctx = multiprocessing.get_context("spawn")
+    procs = [ctx.Process(target=_write_rows, args=(str(path), w, 15)) for w in range(3)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(60)
+    assert [p.exitcode for p in procs] == [0, 0, 0]
+    rows = study.read_rows(path)
+    assert sorted((r["method"], r["seed"], r["x"]) for r in rows) == sorted(
+        (f"m{w}", k, k) for w in range(3) for k in range(15))

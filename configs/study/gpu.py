@@ -7,22 +7,22 @@ from nucjax.config import load_config
 
 
 def get_config():
-    """256² crops, a width-32 depth-4 U-Net in bfloat16, 2000 steps of 16 crops, 8 input workers."""
+    """256² crops, a width-32 depth-4 U-Net in bfloat16, 1500 steps of 16 crops, 5 input workers per run."""
     c = load_config(pathlib.Path(__file__).with_name("cpu.py"))
     c.overrides = (
         "data.builder_kwargs.holdout_fraction=0.1",
         "data.crop_size=256",
-        "data.num_workers=8",
+        "data.num_workers=5",  # x 3 seeds side by side on a 16-core GPU machine (benchmarks/gpu.sh)
         "model.base_width=32",
         "model.depth=4",
         "precision=bfloat16",
         "train.batch_size=16",
-        "train.steps=2000",
+        "train.steps=1500",
         "optim.warmup_steps=100",
         "train.log_every=50",
         "train.eval_every=500",
         "train.checkpoint_every=500",
-        "train.eval_max_images=0",
+        "train.eval_max_images=32",
         "predict.tile_size=512",
         "predict.tile_overlap=64",
         "predict.tile_batch=8",

@@ -1,0 +1,57 @@
+#!/usr/bin/env bash
+# Every GPU figure of the issues in two kinds of call on a lent GPU machine (see docs/scaling.md):
+#   bash benchmarks/gpu.sh bench OUT        train step vs PyTorch, Mask R-CNN vs torchvision, prediction, input
+#   bash benchmarks/gpu.sh study OUT [S]    the `gpu` study budget, three seeds side by side, stopped (SIGTERM,
+#                                           checkpoint saved) after S seconds; run it again to go on
+# Run from the repository root. Missing Python packages travel as wheels in .whl/ (installed to /tmp/site), the
+# prepared DSB2018 (holdout_fraction=0.1, 45 MiB) in .gpudata/. Results go to OUT (default $OUT).
+set -u
+stage=${1:?usage: gpu.sh bench|study OUT [seconds]}
+out=${2:-${OUT:?give OUT}}
+limit=${3:-420}
+mkdir -p "$out"
+if [ -d .whl ] && [ ! -d /tmp/site/grain ]; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+    || exit 1
+fi
+export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1
+export NUCJAX_DATA_DIR=${NUCJAX_DATA_DIR:-$PWD/.gpudata}
+
+if [ "$stage" = bench ]; then
+  {
+    nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
+    nproc
+    python3 -c "import jax, flax, optax, orbax.checkpoint as ocp, grain, torch, torchvision; print('jax', jax.__version__, jax.devices(), 'flax', flax.__version__, 'optax', optax.__version__, 'torch', torch.__version__, 'torchvision', torchvision.__version__)"
+  } 2>&1 | tee "$out/machine.txt"
+  # H100 SXM dense peaks: 989 TFLOP/s bf16, 495 TF32 (XLA and PyTorch use TF32 for float32 convolutions by default)
+  timeout 240 python3 benchmarks/bench_train.py --device gpu --precision bfloat16 --batch 128 --steps 20 --rounds 3 \
+    --upsample dense,transpose --torch channels_last --compile --peak-tflops 989 2>&1 | tee "$out/bench_train_bf16.txt"
+  timeout 90 python3 benchmarks/bench_maskrcnn.py --depth 50 --size 256 --batch 8 --instances 32 --steps 10 \
+    --precision bfloat16 2>&1 | tee "$out/bench_maskrcnn.txt"
+  timeout 60 python3 benchmarks/bench_predict.py --config configs/unet_boundary.py \
+    --override model.base_width=32 precision=bfloat16 predict.tile_size=1024 predict.tile_batch=8 --sizes 1024,4096 \
+    2>&1 | tee "$out/bench_predict.txt"
+  timeout 70 python3 benchmarks/bench_input.py --source synthetic --size 256 320 --images 96 --batch 128 --crop 256 \
+    --workers 0,15 --sets boundary,3-class --batches 6 2>&1 | tee "$out/bench_input.txt"
+  timeout 60 python3 benchmarks/bench_train.py --device gpu --precision float32 --batch 128 --steps 10 --rounds 2 \
+    --upsample dense --torch channels_last --peak-tflops 495 2>&1 | tee "$out/bench_train_fp32.txt"
+elif [ "$stage" = study ]; then
+  # One run is input-bound (augmentation on the CPU), so three seeds share the GPU, each with its own input workers
+  # and a quarter of the GPU's memory; a fourth process adds the classical rows. All share one results file.
+  export XLA_PYTHON_CLIENT_MEM_FRACTION=0.22
+  common=(--budget gpu --workdir runs/gpu --results-dir runs/gpu/results --figures-dir runs/gpu/figures)
+  timeout -s TERM "$limit" python3 -m experiments.study "${common[@]}" --gather > "$out/classical.log" 2>&1 &
+  for s in 0 1 2; do
+    timeout -s TERM "$limit" python3 -m experiments.study "${common[@]}" --seeds $s --no-classical \
+      > "$out/seed$s.log" 2>&1 &
+  done
+  wait
+  tail -n 5 "$out"/seed*.log "$out/classical.log"
+  timeout 100 python3 -m experiments.study "${common[@]}" --gather 2>&1 | tail -n 5
+  tar czf "$out/study.tgz" runs/gpu/results runs/gpu/figures runs/gpu/*/metrics.jsonl runs/gpu/*/config.json \
+    runs/gpu/*/study.json 2>/dev/null
+  ls -la "$out"
+else
+  echo "unknown stage $stage (bench or study)" >&2
+  exit 2
+fi
