@@ -11,6 +11,7 @@ import argparse
 import contextlib
 import csv
 import dataclasses
+import fnmatch
 import json
 import math
 import os
@@ -108,13 +109,23 @@ def _common_overrides(budget: ml_collections.ConfigDict, args: argparse.Namespac
     return out
 
 
+def variant_overrides(budget: ml_collections.ConfigDict, variant: str) -> list[str]:
+    """The budget's extra overrides of `variant`: those of every matching pattern key (`unet_*`, in sorted order),
+    then those of its exact name."""
+    out: list[str] = []
+    for key, values in sorted(budget.variant_overrides.items()):
+        if key != variant and fnmatch.fnmatchcase(variant, key):
+            out += list(values)
+    return out + list(budget.variant_overrides.get(variant, ()))
+
+
 def plan(budget: ml_collections.ConfigDict, args: argparse.Namespace, variant_names: Sequence[str],
          seeds: Sequence[int]) -> list[Run]:
     """The main runs, seed-major (every variant at the first seed before any at the second)."""
     common = _common_overrides(budget, args) + list(budget.stain.settings[budget.stain.chosen])
     return [
         Run("main", v, v, s, pathlib.Path(args.workdir) / f"{v}-s{s}",
-            tuple(common + list(budget.variant_overrides.get(v, ())) + [f"seed={s}"]))
+            tuple(common + variant_overrides(budget, v) + [f"seed={s}"]))
         for s in seeds for v in variant_names
     ]
 
@@ -125,7 +136,7 @@ def stain_plan(budget: ml_collections.ConfigDict, args: argparse.Namespace, seed
     common = _common_overrides(budget, args)
     return [
         Run("stain", name, v, s, pathlib.Path(args.workdir) / f"stain-{name}-s{s}",
-            tuple(common + list(settings) + list(budget.variant_overrides.get(v, ())) + [f"seed={s}"]))
+            tuple(common + list(settings) + variant_overrides(budget, v) + [f"seed={s}"]))
         for s in (seeds or budget.stain.seeds) for name, settings in budget.stain.settings.items()
     ]
 

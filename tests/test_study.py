@@ -224,3 +224,17 @@ def test_processes_sharing_a_results_file_lose_no_rows(tmp_path):
     rows = study.read_rows(path)
     assert sorted((r["method"], r["seed"], r["x"]) for r in rows) == sorted(
         (f"m{w}", k, k) for w in range(3) for k in range(15))
+
+
+def test_model_overrides_reach_each_family_only_through_its_variant_overrides(tmp_path):
+    _, budget = study.load_budget("cpu")
+    args = study.parse_args(["--budget", "cpu", "--workdir", str(tmp_path)])
+    runs = {r.variant: r for r in study.plan(budget, args, ["unet_3class", "maskrcnn"], [0])}
+    assert study.variant_overrides(budget, "unet_3class") == ["model.base_width=16", "model.depth=4"]
+    assert study.variant_overrides(budget, "maskrcnn") == ["train.batch_size=4"]
+    unet, maskrcnn = study.run_config(runs["unet_3class"]), study.run_config(runs["maskrcnn"])
+    assert unet.model.base_width == 16 and unet.model.depth == 4 and unet.train.batch_size == 8
+    assert maskrcnn.model.resnet_depth == 18 and maskrcnn.train.batch_size == 4 and maskrcnn.data.crop_size == 128
+    budget.variant_overrides["unet_*"] = ("train.batch_size=2",)
+    budget.variant_overrides["unet_3class"] = ("train.batch_size=3",)  # the exact name comes after the pattern
+    assert study.run_config(study.plan(budget, args, ["unet_3class"], [0])[0]).train.batch_size == 3

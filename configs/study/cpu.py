@@ -20,8 +20,6 @@ def get_config() -> ml_collections.ConfigDict:
     c.overrides = (
         "data.builder_kwargs.holdout_fraction=0.1",
         "data.crop_size=128",
-        "model.base_width=16",
-        "model.depth=4",
         "train.batch_size=8",
         "train.steps=1200",
         "optim.warmup_steps=50",
@@ -32,8 +30,12 @@ def get_config() -> ml_collections.ConfigDict:
         "predict.tile_size=512",
         "predict.tile_overlap=64",
     )
-    # Extra overrides of one variant (a smaller Mask R-CNN entry, say), applied after `overrides`.
-    c.variant_overrides = ml_collections.ConfigDict({"maskrcnn": ("train.batch_size=4",)})
+    # Extra overrides of some variants, applied after `overrides`: a key is a variant's name or a pattern (`unet_*`);
+    # the model section differs between families, so its keys go here.
+    c.variant_overrides = ml_collections.ConfigDict({
+        "unet_*": ("model.base_width=16", "model.depth=4"),
+        "maskrcnn": ("train.batch_size=4",),  # a smaller Mask R-CNN entry: configs/maskrcnn.py's CPU-sized model
+    })
     c.classical = ("otsu", "local_watershed")
     c.classical_tune_images = 48  # training images the classical baselines are tuned on
     # Stain robustness: named sets of overrides; `chosen` is applied to every variant of the main runs, and

@@ -13,8 +13,6 @@ def get_config():
         "data.builder_kwargs.holdout_fraction=0.1",
         "data.crop_size=256",
         "data.num_workers=5",  # x 3 seeds side by side on a 16-core GPU machine (benchmarks/gpu.sh)
-        "model.base_width=32",
-        "model.depth=4",
         "precision=bfloat16",
         "train.batch_size=16",
         "train.steps=1500",
@@ -27,6 +25,9 @@ def get_config():
         "predict.tile_overlap=64",
         "predict.tile_batch=8",
     )
-    c.variant_overrides = {"maskrcnn": ("train.batch_size=8",)}
+    c.variant_overrides = {
+        "unet_*": ("model.base_width=32", "model.depth=4"),
+        "maskrcnn": ("train.batch_size=8",),
+    }
     c.classical_tune_images = 96
     return c
