@@ -1,16 +1,24 @@
-"""Orbax checkpoints of a run (train state, input-pipeline position, config) and `load()`, which rebuilds a Predictor."""
+"""Orbax checkpoints of a run (train state, input-pipeline position, config) and `load()`, which rebuilds a Predictor.
+
+Every process of a multi-process run takes part in each save into the one directory (a shared filesystem): the
+train state is written once, each process writes its own input-pipeline position, and the step appears only when
+all of it is written. A checkpoint written by N processes restores in any number of processes.
+"""
 
 from __future__ import annotations
 
 import contextlib
 import json
 import pathlib
+import re
 from typing import Any, Iterator, Mapping
 
 import grain
 import jax
-from absl import logging as absl_logging
 import ml_collections
+import numpy as np
+from absl import logging as absl_logging
+from etils import epath
 import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers as policies
 
@@ -63,7 +71,8 @@ class Checkpoints:
 
     def save(self, step: int, state: Any, iterator: Any, config: ml_collections.ConfigDict,
              metrics: Mapping[str, float] | None = None) -> None:
-        """Writes the train state, the data iterator's position and the config at `step` (atomically)."""
+        """Writes the train state, the data iterator's position and the config at `step` (atomically). With several
+        processes every one must call it: each writes its own iterator position (`data/process_K-of-N.json`)."""
         args = ocp.args.Composite(
             state=ocp.args.StandardSave(state),
             data=grain.checkpoint.CheckpointSave(iterator),
@@ -73,22 +82,43 @@ class Checkpoints:
         self.manager.save(step, args=args, metrics=dict(metrics) if metrics else None, force=True)
         self.manager.wait_until_finished()
 
-    def restore_training(self, step: int, abstract_state: Any, iterator: Any) -> tuple[Any, Any]:
-        """Restores the train state (with the shardings of `abstract_state`) and the iterator position at `step`."""
+    def restore_training(self, step: int, abstract_state: Any, iterator: Any) -> tuple[Any, Any | None]:
+        """Restores the train state (with the shardings of `abstract_state`, whatever the process and device count
+        that wrote it) and, when the checkpoint was written by as many processes with as many grain workers each as
+        there are now, this process's iterator position. Otherwise the second value is None: rebuild the iterator
+        with `iterator_at_step`."""
         self._check_meta(step)
-        restored = self.manager.restore(step, args=ocp.args.Composite(
-            state=ocp.args.StandardRestore(abstract_state),
-            data=grain.checkpoint.CheckpointRestore(iterator),
-        ))
-        return restored["state"], restored["data"]
+        fits = self.data_layout(step) == (jax.process_count(), json.loads(iterator.get_state())["worker_count"])
+        items = {"state": ocp.args.StandardRestore(abstract_state)}
+        if fits:
+            items["data"] = grain.checkpoint.CheckpointRestore(iterator)
+        restored = self.manager.restore(step, args=ocp.args.Composite(**items))
+        return restored["state"], restored["data"] if fits else None
+
+    def data_layout(self, step: int) -> tuple[int, int] | None:
+        """(processes, grain workers per process) that wrote the input positions of `step`, or None if unreadable."""
+        files = {m.group(1): p for p in (self.directory / str(step) / "data").glob("process_*-of-*.json")
+                 if (m := re.fullmatch(r"process_\d+-of-(\d+)\.json", p.name))}
+        if len(files) != 1:
+            return None
+        count, file = files.popitem()
+        try:
+            return int(count), int(json.loads(file.read_text())["worker_count"])
+        except (OSError, ValueError, KeyError):
+            return None
 
     def restore_for_inference(self, step: int) -> tuple[ml_collections.ConfigDict, Any]:
-        """The config and the raw train state (NumPy leaves) at `step`, with no model needed beforehand."""
+        """The config and the raw train state (NumPy leaves) at `step`, with no model needed beforehand; read by this
+        process alone, whatever the number of processes and devices that wrote it."""
         self._check_meta(step)
         path = self.directory / str(step)
         try:
+            handler = ocp.StandardCheckpointHandler()
+            tree = handler.metadata(epath.Path(path / "state"))  # shapes and dtypes: no devices needed
+            handler.close()
+            as_numpy = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), tree)
             restored = self.manager.restore(step, args=ocp.args.Composite(
-                state=ocp.args.StandardRestore(), config=ocp.args.JsonRestore(),
+                state=ocp.args.PyTreeRestore(restore_args=as_numpy), config=ocp.args.JsonRestore(),
             ))
         except Exception as e:  # orbax raises many types for unreadable files
             raise CheckpointError(f"checkpoint {path} cannot be read: {type(e).__name__}: {e}") from None
@@ -122,6 +152,28 @@ class Checkpoints:
 
     def close(self) -> None:
         self.manager.close()
+
+
+def iterator_at_step(loader: grain.DataLoader, step: int, *, per_process_batch: int, shard_index: int,
+                     shard_count: int, workers: int) -> Any:
+    """A fresh iterator of `loader` (made by `pipeline.train_loader`) positioned after `step` batches: this process's
+    shard continues where a run of `shard_count` processes would be at global step `step`. With `workers` = 0 the
+    global batches are then those of any process count; with grain workers each worker reads its own slice of the
+    shard, so the batches depend on the process count (every record is still seen once per epoch).
+
+    Writes grain's DataLoader state (`last_seen_indices` are positions in the global sampler order) directly."""
+    iterator = iter(loader)
+    state = json.loads(iterator.get_state())
+    slots = max(workers, 1)  # worker w produced batches w, w + workers, ...; no workers: one slot
+    global_slots = slots * shard_count
+    state["last_seen_indices"] = {
+        str(w): shard_index - global_slots + w * shard_count
+        + (step // slots + (w < step % slots)) * per_process_batch * global_slots
+        for w in range(slots)
+    }
+    state["last_worker_index"] = step % slots - 1 if workers else -1
+    iterator.set_state(json.dumps(state).encode())
+    return iterator
 
 
 def find_workdir(path: str | pathlib.Path) -> tuple[pathlib.Path, int | None]:

@@ -1,7 +1,8 @@
 """python -m nucjax.evaluate: instance metrics of predicted label images against ground truth, or of a checkpoint.
 
 Two modes: `--gt PATH --pred PATH`, each side a folder of label images, a Kaggle-layout folder (<id>/masks/*.png)
-or a Kaggle RLE CSV; and `--checkpoint DIR --split NAME`, which runs the checkpoint's Predictor on a split.
+or a Kaggle RLE CSV; and `--checkpoint DIR --split NAME`, which runs the checkpoint's Predictor on a split (also as
+one of several processes: each predicts its share of the images, process 0 prints and writes the results).
 """
 
 import argparse
@@ -222,6 +223,9 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--csv", type=pathlib.Path, metavar="FILE", help="write one row per image here")
     parser.add_argument("--workers", type=int, default=0, metavar="N", help="worker processes (0 or 1: none)")
     parser.add_argument("--missing-as-empty", action="store_true", help="score an image missing on one side as empty")
+    from nucjax import distributed
+
+    distributed.add_arguments(parser)
     return parser
 
 
@@ -240,19 +244,28 @@ def evaluate_checkpoint(path: str | pathlib.Path, split: str = "validation", *, 
                         limit: int = 0, tune: bool = False, report_dir: str | pathlib.Path | None = None,
                         thresholds: Sequence[float] = metrics.DEFAULT_THRESHOLDS, error_iou: float = 0.7,
                         progress: bool = True) -> metrics.Report:
-    """Runs the checkpoint's Predictor on a split of its own dataset and scores it (optionally tuning first)."""
-    from nucjax import checkpoint, data
+    """Runs the checkpoint's Predictor on a split of its own dataset and scores it (optionally tuning first).
+
+    With several processes (`nucjax.distributed`) each predicts its share of the split and every process returns
+    the whole Report; tuning runs in each (same result), and process 0 alone stores it and writes the figures."""
+    import jax
+
+    from nucjax import checkpoint, data, distributed
     from nucjax.inference import evaluate_source, tune_postprocess
 
+    first = jax.process_index() == 0
     predictor = checkpoint.load(path, step=step)
+    source, validation = distributed.process_0_first(lambda: (
+        data.source_for(predictor.config, split),
+        data.source_for(predictor.config, predictor.config.data.eval_split) if tune else None,
+    ), "nucjax: data prepared")
     if tune:
-        params, score = tune_postprocess(predictor, data.source_for(predictor.config, predictor.config.data.eval_split),
-                                         limit=limit, progress=progress)
-        print(f"tuned post-processing (validation dsb2018_score {score:.4f}): {params}", file=sys.stderr)
-    source = data.source_for(predictor.config, split)
+        params, score = tune_postprocess(predictor, validation, limit=limit, progress=progress and first, store=first)
+        if first:
+            print(f"tuned post-processing (validation dsb2018_score {score:.4f}): {params}", file=sys.stderr)
     report, kept = evaluate_source(predictor, source, limit=limit, thresholds=thresholds, error_iou=error_iou,
                                    progress=progress, keep_outputs=report_dir is not None)
-    if report_dir is not None:
+    if report_dir is not None and first:
         from nucjax.report import write_report
 
         write_report(report.to_dict(), kept, pathlib.Path(report_dir), to_instances=predictor.to_instances)
@@ -266,29 +279,49 @@ def main(argv: Sequence[str] | None = None) -> int:
     if (args.checkpoint is None) == (args.gt is None and args.pred is None) or (
             args.checkpoint is None and (args.gt is None or args.pred is None)):
         parser.error("give either --checkpoint DIR, or both --gt PATH and --pred PATH")
+    if args.checkpoint is not None:
+        return _main_checkpoint(args)
     try:
-        if args.checkpoint is not None:
-            from nucjax.checkpoint import quiet_libraries
-
-            with quiet_libraries():
-                report = evaluate_checkpoint(args.checkpoint, args.split, step=args.step, limit=args.limit,
-                                             tune=args.tune, report_dir=args.report,
-                                             thresholds=args.thresholds, error_iou=args.error_iou)
-        else:
-            report = evaluate_folders(
-                args.gt,
-                args.pred,
-                thresholds=args.thresholds,
-                error_iou=args.error_iou,
-                missing_as_empty=args.missing_as_empty,
-                workers=args.workers,
-            )
+        report = evaluate_folders(
+            args.gt,
+            args.pred,
+            thresholds=args.thresholds,
+            error_iou=args.error_iou,
+            missing_as_empty=args.missing_as_empty,
+            workers=args.workers,
+        )
         print(report.summary())
         _write_outputs(report, args.json, args.csv)
-    except (ValueError, OSError) as e:  # io.ReadError, CheckpointError, mismatched names or shapes, unwritable outputs
+    except (ValueError, OSError) as e:  # io.ReadError, mismatched names or shapes, unwritable outputs
         print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
         return 1
     return 0
+
+
+def _main_checkpoint(args: argparse.Namespace) -> int:
+    """--checkpoint mode, alone or as one of several processes (each predicts its share; process 0 prints)."""
+    from nucjax import distributed
+    from nucjax.checkpoint import quiet_libraries
+
+    try:
+        distributed.initialize(distributed.detect_from_args(args))
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+    def work() -> None:
+        import jax
+
+        with quiet_libraries():
+            report = evaluate_checkpoint(args.checkpoint, args.split, step=args.step, limit=args.limit,
+                                         tune=args.tune, report_dir=args.report,
+                                         thresholds=args.thresholds, error_iou=args.error_iou)
+        if jax.process_index() == 0:
+            print(report.summary())
+            _write_outputs(report, args.json, args.csv)
+
+    # io.ReadError, CheckpointError, unwritable outputs
+    return distributed.run(work, expected=(ValueError, OSError))
 
 
 if __name__ == "__main__":

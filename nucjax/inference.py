@@ -176,14 +176,16 @@ class Predictor:
 
 def evaluate_source(predictor: Predictor, source: Any, *, limit: int = 0, thresholds: Sequence[float] | None = None,
                     error_iou: float = 0.7, progress: bool = False, keep_outputs: bool = False) -> tuple[Any, list]:
-    """Predicts every image of a data source and scores it with `nucjax.metrics`; returns (Report, outputs or [])."""
-    from nucjax import metrics
+    """Predicts every image of a data source and scores it with `nucjax.metrics`; returns (Report, outputs or []).
+    With several processes each predicts its share of the images and all gather the per-image counts (in source
+    order) before the metrics are formed, so the Report is a single process's."""
+    from nucjax import distributed, metrics
 
     n = len(source) if not limit else min(limit, len(source))
     acc = metrics.Accumulator(thresholds or metrics.DEFAULT_THRESHOLDS, error_iou)
-    kept = []
-    indices: Iterable[int] = range(n)
-    if progress:
+    mine = []
+    indices: Iterable[int] = distributed.shard(n)
+    if progress and jax.process_index() == 0:
         from tqdm import tqdm
 
         indices = tqdm(indices, desc="evaluate", unit="img", leave=False)
@@ -191,10 +193,13 @@ def evaluate_source(predictor: Predictor, source: Any, *, limit: int = 0, thresh
         example = source[i]
         outputs = predictor.predict_outputs(example["image"])
         pred = predictor.to_instances(outputs)
-        acc.add(np.asarray(example["label"]), pred, name=str(example["id"]))
-        if keep_outputs:
-            kept.append((example, outputs))
-    return acc.report(), kept
+        stats = metrics.image_stats(np.asarray(example["label"]), pred, thresholds=acc.thresholds,
+                                    error_iou=acc.error_iou, name=str(example["id"]))
+        mine.append((stats, (example, outputs) if keep_outputs else None))
+    everything = distributed.in_index_order(distributed.gather(mine))
+    for stats, _ in everything:
+        acc.add_stats(stats)
+    return acc.report(), [item for _, item in everything if item is not None]
 
 
 def tune_postprocess(predictor: Predictor, source: Any, *, limit: int = 0, grid: Mapping[str, Sequence] | None = None,

@@ -1,7 +1,8 @@
 """python -m nucjax.predict: a checkpoint on new images -> label images, outlined overlays, measurement tables, RLE.
 
 The per-image steps (`find_inputs`, `plan_outputs`, `overlay`, `measure`, `write_outputs`, `predict_files`) are usable
-from scripts; `main` is the command line.
+from scripts; `main` is the command line. As one of several processes (`nucjax.distributed`), each segments its
+share of the inputs into the same output folder, and process 0 writes the RLE CSV and the summary.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from skimage.measure import regionprops_table
 from skimage.segmentation import find_boundaries
 from tqdm import tqdm
 
-from nucjax import checkpoint
+from nucjax import checkpoint, distributed
 from nucjax.data import io
 from nucjax.data.pipeline import normalize_image
 from nucjax.inference import Predictor
@@ -171,10 +172,16 @@ def predict_files(predictor: Predictor, plans: Sequence[OutputPaths], *, rle: st
     """Predicts and writes the outputs of each planned input, then the Kaggle RLE CSV of all of them if `rle`.
 
     An input that cannot be read or written is reported on stderr (one line naming it) and skipped; returns those.
+    With several processes each handles inputs k, k + N, ...; the failures and the RLE rows are gathered, and
+    process 0 writes the CSV.
     """
+    import jax
+
     failed = []
     rle_labels: dict[str, np.ndarray] = {}
-    for paths in tqdm(plans, desc="predict", unit="img", disable=not progress, file=sys.stderr):
+    mine = [plans[i] for i in distributed.shard(len(plans))]
+    for paths in tqdm(mine, desc="predict", unit="img", disable=not progress or jax.process_index() > 0,
+                      file=sys.stderr):
         try:
             image = io.read_image(paths.image)
             labels = predictor.predict(image)
@@ -186,7 +193,13 @@ def predict_files(predictor: Predictor, plans: Sequence[OutputPaths], *, rle: st
             continue
         if rle is not None:
             rle_labels[paths.image.stem] = labels
-    if rle is not None:
+    if distributed.is_multiprocess():
+        gathered = distributed.gather((failed, rle_labels))
+        failed = [path for part, _ in gathered for path in part]
+        rle_labels = {stem: labels for _, part in gathered for stem, labels in part.items()}
+        order = {paths.image.stem: i for i, paths in enumerate(plans)}
+        rle_labels = dict(sorted(rle_labels.items(), key=lambda item: order[item[0]]))
+    if rle is not None and jax.process_index() == 0:
         io.write_rle_csv(rle_labels, rle, with_size=False)
     return failed
 
@@ -220,6 +233,7 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--tile-overlap", type=int, help="tile overlap (default: the checkpoint's)")
     parser.add_argument("--tta", action="store_true", help="average the 8 flips/rotations (8x slower)")
     parser.add_argument("--overwrite", action="store_true", help="replace outputs that already exist")
+    distributed.add_arguments(parser)
     return parser
 
 
@@ -227,18 +241,28 @@ def main(argv: Sequence[str] | None = None) -> int:
     """The command line; returns the exit status (1 if an input failed or nothing could be done)."""
     args = _parser().parse_args(argv)
     try:
+        distributed.initialize(distributed.detect_from_args(args))
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+    def work() -> int:
+        import jax
+
         plans = plan_outputs(find_inputs(args.input), args.output, fmt=args.format, overlay=args.overlay,
                              table=args.table)
         if not args.overwrite:
             check_not_written([f for p in plans for f in p.files()] + ([args.rle] if args.rle else []))
+        distributed.barrier("nucjax: outputs checked")  # no process writes before every process has checked
         predictor = checkpoint.load(args.checkpoint, step=args.step, tile_size=args.tile_size,
                                     tile_overlap=args.tile_overlap, tta=True if args.tta else None)
         failed = predict_files(predictor, plans, rle=args.rle)
-    except (ValueError, OSError) as e:  # bad inputs or checkpoint (CheckpointError), existing outputs, unwritable
-        print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
-        return 1
-    print(f"{len(plans) - len(failed)} of {len(plans)} images segmented into {args.output}", file=sys.stderr)
-    return 1 if failed else 0
+        if jax.process_index() == 0:
+            print(f"{len(plans) - len(failed)} of {len(plans)} images segmented into {args.output}", file=sys.stderr)
+        return 1 if failed else 0
+
+    # bad inputs or checkpoint (CheckpointError), existing outputs, unwritable
+    return distributed.run(work, expected=(ValueError, OSError))
 
 
 if __name__ == "__main__":

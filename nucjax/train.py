@@ -1,6 +1,7 @@
 """python -m nucjax.train: a config -> the training loop, validation with the real post-processing, checkpoints.
 
-`train_and_evaluate(config, workdir)` is the whole public surface; the CLI only parses flags and calls it.
+`train_and_evaluate(config, workdir)` is the whole public surface; the CLI only parses flags, joins the other
+processes when it is one of several (`nucjax.distributed`), and calls it.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ import optax
 
 from nucjax import checkpoint as checkpoint_lib
 from nucjax import config as config_lib
-from nucjax import parallel, variants
+from nucjax import distributed, parallel, variants
 from nucjax.inference import Predictor, evaluate_source
 from nucjax.models import cost
 from nucjax.runlog import RunLog
@@ -106,10 +107,17 @@ def model_cost(variant: variants.Variant, module: Any, variables: Any, config: m
     return cost.count_params(variables["params"]), flops
 
 
+def local_copy(tree: Any) -> Any:
+    """This process's copy of replicated global arrays (on its first local device), for computations that each
+    process runs on its own (prediction on its part of the validation split, cost analysis)."""
+    return jax.tree.map(lambda x: x.addressable_data(0), tree)
+
+
 def validate(predictor: Predictor, state: TrainState, source: Any, limit: int = 0) -> dict[str, float]:
     """Runs the real post-processing and instance metrics on the validation split with the current parameters
-    (one Predictor for the whole run, so each image size is compiled once)."""
-    predictor.variables = state.variables()
+    (one Predictor for the whole run, so each image size is compiled once). With several processes each predicts
+    its part of the split and the per-image counts are gathered before the metrics are formed."""
+    predictor.variables = local_copy(state.variables())
     report, _ = evaluate_source(predictor, source, limit=limit)
     return validation_summary(report)
 
@@ -157,11 +165,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
     if jax.process_index() == 0:
         (workdir / "config.json").write_text(config_lib.to_json(config))
 
-    # Data.
+    # Data: prepared by process 0 alone (TFDS cannot prepare from several processes at once), then opened by all;
+    # each process reads only its shard of every global batch.
     mesh = parallel.make_mesh()
     parallel.check_batch_size(config.train.batch_size, mesh)
-    train_source = data.source_for(config, config.data.train_split)
-    eval_source = data.source_for(config, config.data.eval_split) if config.train.eval_every else None
+    train_source, eval_source = distributed.process_0_first(lambda: (
+        data.source_for(config, config.data.train_split),
+        data.source_for(config, config.data.eval_split) if config.train.eval_every else None,
+    ), "nucjax: data prepared")
     loader = pipeline.train_loader(train_source, config, target_names=variant.target_names(config), seed=config.seed)
     iterator = iter(loader)
 
@@ -176,17 +187,28 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
     if start is not None:
         restore_target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                                       abstract, state_sharding)
-        state, iterator = checkpoints.restore_training(start, restore_target, iterator)
+        state, restored = checkpoints.restore_training(start, restore_target, iterator)
         log.info(f"resumed from step {start} in {checkpoints.directory}")
+        if restored is None:
+            iterator = checkpoint_lib.iterator_at_step(
+                loader, start, per_process_batch=config.train.batch_size // jax.process_count(),
+                shard_index=jax.process_index(), shard_count=jax.process_count(), workers=config.data.num_workers)
+            saved = checkpoints.data_layout(start) or ("?", "?")
+            log.info(f"the input position at step {start} was saved by {saved[0]} process(es) with {saved[1]} grain "
+                     f"worker(s) each, this run has {jax.process_count()} with {config.data.num_workers}: the data "
+                     f"iterator was rebuilt at global step {start} (each process continues its own shard from there)")
+        else:
+            iterator = restored
     else:
         state = jax.jit(functools.partial(create_train_state, config, module, tx), out_shardings=state_sharding)()
         start = 0
-    n_params, flops = model_cost(variant, module, state.variables(), config, config.data.crop_size)
+    n_params, flops = model_cost(variant, module, local_copy(state.variables()), config, config.data.crop_size)
+    processes = f" in {jax.process_count()} processes" if distributed.is_multiprocess() else ""
     log.info(f"{variant.name}: {n_params:,} parameters, {flops / 1e9:.2f} GFLOPs per {config.data.crop_size}² image "
-             f"(forward); {jax.device_count()} {jax.devices()[0].platform} device(s), global batch "
+             f"(forward); {jax.device_count()} {jax.devices()[0].platform} device(s){processes}, global batch "
              f"{config.train.batch_size}")
     log.write({"step": start, "event": "start", "params": n_params, "gflops_per_image": flops / 1e9,
-               "devices": jax.device_count(), "platform": jax.devices()[0].platform})
+               "devices": jax.device_count(), "processes": jax.process_count(), "platform": jax.devices()[0].platform})
 
     step_fn = jax.jit(
         functools.partial(train_step, module=module, tx=tx, variant=variant, config=config),
@@ -208,8 +230,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
             state, metrics = step_fn(state, batch)
             step += 1
             pending.append(metrics)
-            checkpoint_due = step % config.train.checkpoint_every == 0 or step == config.train.steps or stop.requested
             eval_due = config.train.eval_every and (step % config.train.eval_every == 0 or step == config.train.steps)
+            stopping = _stop_agreed(stop, step, config, eval_due)
+            checkpoint_due = step % config.train.checkpoint_every == 0 or step == config.train.steps or stopping
             if step % config.train.log_every == 0 or checkpoint_due or eval_due:
                 means = _check_finite(pending, step, last_good, checkpoints.directory)
                 pending = []
@@ -221,7 +244,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
             if checkpoint_due or val is not None:
                 checkpoints.save(step, state, iterator, config, metrics=val)
                 last_good = step
-            if stop.requested:
+            if stopping:
                 log.info(f"stopped by a signal at step {step}; checkpoint saved in {checkpoints.directory}")
                 break
     finally:
@@ -229,6 +252,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
         checkpoints.close()
         log.close()
     return state
+
+
+def _stop_agreed(stop: _Stop, step: int, config: ml_collections.ConfigDict, eval_due: bool) -> bool:
+    """Whether to save and stop now. One process stops at the first step after a signal; several agree at the next
+    log, checkpoint or validation step (any of them signalled) so that all save the same step and stop together."""
+    if not distributed.is_multiprocess():
+        return stop.requested
+    boundary = (step % config.train.log_every == 0 or step % config.train.checkpoint_every == 0
+                or step == config.train.steps or eval_due)
+    return boundary and distributed.any_process(stop.requested)
 
 
 def _check_finite(pending: list[dict[str, jax.Array]], step: int, last_good: int | None,
@@ -252,6 +285,7 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     parser = argparse.ArgumentParser(prog="python -m nucjax.train", description=__doc__.splitlines()[0])
     parser.add_argument("--config", required=True, help="a config file, e.g. configs/unet_boundary.py")
     parser.add_argument("--workdir", required=True, help="where checkpoints, metrics.jsonl and config.json go")
+    distributed.add_arguments(parser)
     overrides, rest = [], []
     for arg in argv:
         (overrides if arg.startswith("--config.") else rest).append(arg)
@@ -260,20 +294,22 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """The command line; returns the exit status (2: a bad flag or config, 1: training failed in some process)."""
     args, overrides = parse_args(sys.argv[1:] if argv is None else argv)
     try:
         config = config_lib.load_config(args.config, overrides)
         variants.get(config.variant)
+        launch = distributed.detect_from_args(args)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    try:
+    distributed.initialize(launch)
+
+    def work() -> None:
         with checkpoint_lib.quiet_libraries():
             train_and_evaluate(config, args.workdir)
-    except (TrainingError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    return 0
+
+    return distributed.run(work, expected=(TrainingError, ValueError, OSError))
 
 
 if __name__ == "__main__":
