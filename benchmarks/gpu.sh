@@ -1,12 +1,14 @@
 #!/usr/bin/env bash
-# Every GPU figure of the issues in two kinds of call on a lent GPU machine (see docs/scaling.md):
-#   bash benchmarks/gpu.sh bench OUT        train step vs PyTorch, Mask R-CNN vs torchvision, prediction, input
+# Every GPU figure of the issues in a few calls on a lent GPU machine (see docs/scaling.md):
+#   bash benchmarks/gpu.sh bench OUT        U-Net train step vs PyTorch (bf16), tiled prediction, input pipeline
+#   bash benchmarks/gpu.sh bench-more OUT   Mask R-CNN vs torchvision, the float32 U-Net step
 #   bash benchmarks/gpu.sh study OUT [S]    the `gpu` study budget, three seeds side by side, stopped (SIGTERM,
 #                                           checkpoint saved) after S seconds; run it again to go on
-# Run from the repository root. Missing Python packages travel as wheels in .whl/ (installed to /tmp/site), the
-# prepared DSB2018 (holdout_fraction=0.1, 45 MiB) in .gpudata/. Results go to OUT (default $OUT).
+# Each stage fits one 10-minute call. Run from the repository root. Missing Python packages travel as wheels in
+# .whl/ (installed to /tmp/site), the prepared DSB2018 (holdout_fraction=0.1, 45 MiB) in .gpudata/ (copy
+# ~/.cache/nucjax/datasets/dsb2018/holdout_fraction=0.1 and .config there). Results go to OUT (default $OUT).
 set -u
-stage=${1:?usage: gpu.sh bench|study OUT [seconds]}
+stage=${1:?usage: gpu.sh bench|bench-more|study OUT [seconds]}
 out=${2:-${OUT:?give OUT}}
 limit=${3:-420}
 mkdir -p "$out"
@@ -26,14 +28,15 @@ if [ "$stage" = bench ]; then
   # H100 SXM dense peaks: 989 TFLOP/s bf16, 495 TF32 (XLA and PyTorch use TF32 for float32 convolutions by default)
   timeout 240 python3 benchmarks/bench_train.py --device gpu --precision bfloat16 --batch 128 --steps 20 --rounds 3 \
     --upsample dense,transpose --torch channels_last --compile --peak-tflops 989 2>&1 | tee "$out/bench_train_bf16.txt"
-  timeout 90 python3 benchmarks/bench_maskrcnn.py --depth 50 --size 256 --batch 8 --instances 32 --steps 10 \
-    --precision bfloat16 2>&1 | tee "$out/bench_maskrcnn.txt"
-  timeout 60 python3 benchmarks/bench_predict.py --config configs/unet_boundary.py \
+  timeout 200 python3 benchmarks/bench_predict.py --config configs/unet_boundary.py \
     --override model.base_width=32 precision=bfloat16 predict.tile_size=1024 predict.tile_batch=8 --sizes 1024,4096 \
     2>&1 | tee "$out/bench_predict.txt"
-  timeout 70 python3 benchmarks/bench_input.py --source synthetic --size 256 320 --images 96 --batch 128 --crop 256 \
+  timeout 120 python3 benchmarks/bench_input.py --source synthetic --size 256 320 --images 96 --batch 128 --crop 256 \
     --workers 0,15 --sets boundary,3-class --batches 6 2>&1 | tee "$out/bench_input.txt"
-  timeout 60 python3 benchmarks/bench_train.py --device gpu --precision float32 --batch 128 --steps 10 --rounds 2 \
+elif [ "$stage" = bench-more ]; then
+  timeout 300 python3 benchmarks/bench_maskrcnn.py --depth 50 --size 256 --batch 8 --instances 32 --steps 10 \
+    --precision bfloat16 2>&1 | tee "$out/bench_maskrcnn.txt"
+  timeout 150 python3 benchmarks/bench_train.py --device gpu --precision float32 --batch 128 --steps 10 --rounds 2 \
     --upsample dense --torch channels_last --peak-tflops 495 2>&1 | tee "$out/bench_train_fp32.txt"
 elif [ "$stage" = study ]; then
   # One run is input-bound (augmentation on the CPU), so three seeds share the GPU, each with its own input workers
@@ -52,6 +55,6 @@ elif [ "$stage" = study ]; then
     runs/gpu/*/study.json 2>/dev/null
   ls -la "$out"
 else
-  echo "unknown stage $stage (bench or study)" >&2
+  echo "unknown stage $stage (bench, bench-more or study)" >&2
   exit 2
 fi
