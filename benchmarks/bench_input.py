@@ -1,10 +1,12 @@
 """Input-pipeline throughput: images/s of training batches (default 8 x 256²) per target set and grain worker count.
 
 Each cell builds a fresh `pipeline.train_loader`, draws --warmup batches (worker start-up included there), then
-times --batches batches. Source: synthetic images (`nucjax.data.synthetic.generate`, made once, in memory) or
-DSB2018's train split through `nucjax.data.source`.
+times --batches batches. Source: synthetic images (`nucjax.data.synthetic.generate`, made once, in memory; --large
+adds 1024² ones, as DSB2018 has a few) or DSB2018's train split through `nucjax.data.source`. --compact times the
+loader's compact batches (uint8 masks and classes, `train_loader(compact=True)`).
 
   python benchmarks/bench_input.py --workers 0,1 --batches 10
+  python benchmarks/bench_input.py --source synthetic --size 256 320 --large 4 --workers 0,1,2 --compact
   python benchmarks/bench_input.py --source dsb2018 --workers 0,1,2
 """
 
@@ -32,12 +34,14 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--source", choices=("synthetic", "dsb2018"), default="synthetic")
     p.add_argument("--images", type=int, default=64, help="synthetic images to make")
     p.add_argument("--size", type=int, nargs=2, default=(360, 480), help="synthetic image height, width")
+    p.add_argument("--large", type=int, default=0, help="synthetic 1024 x 1024 images to add (200-400 nuclei each)")
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--crop", type=int, default=256)
     p.add_argument("--workers", default="0,1,2", help="grain worker counts, comma-separated")
     p.add_argument("--sets", default=",".join(TARGET_SETS), help="target sets, comma-separated")
     p.add_argument("--batches", type=int, default=10, help="timed batches per cell")
     p.add_argument("--warmup", type=int, default=2, help="untimed batches per cell")
+    p.add_argument("--compact", action="store_true", help="uint8 masks and classes (train_loader(compact=True))")
     return p.parse_args()
 
 
@@ -50,13 +54,16 @@ def make_source(args: argparse.Namespace):
     from nucjax.data import synthetic
 
     height, width = args.size
-    pairs = (synthetic.generate(i, height=height, width=width) for i in range(args.images))
+    pairs = [synthetic.generate(i, height=height, width=width) for i in range(args.images)]
+    pairs += [synthetic.generate(args.images + i, height=1024, width=1024, num_nuclei=(200, 400))
+              for i in range(args.large)]
     return [{"image": image, "label": label} for image, label in pairs]
 
 
-def images_per_second(source, config, names: list[str], batches: int, warmup: int) -> float:
+def images_per_second(source, config, names: list[str], batches: int, warmup: int, compact: bool) -> float:
     """Training images per second delivered by a fresh loader after `warmup` batches."""
-    iterator = iter(pipeline.train_loader(source, config, target_names=names, seed=0, shard_index=0, shard_count=1))
+    iterator = iter(pipeline.train_loader(source, config, target_names=names, seed=0, shard_index=0, shard_count=1,
+                                          compact=compact))
     for _ in range(warmup):
         next(iterator)
     start = time.perf_counter()
@@ -76,16 +83,18 @@ def main() -> None:
     sets = [s.strip() for s in args.sets.split(",")]
     start = time.perf_counter()
     source = make_source(args)
-    sizes = np.array([source[i]["label"].shape for i in range(min(len(source), 64))])
-    print(f"source {args.source}: {len(source)} images (median size {np.median(sizes, 0).astype(int).tolist()}), "
-          f"ready in {time.perf_counter() - start:.1f} s; batch {args.batch} x {args.crop}², "
-          f"{args.batches} timed batches after {args.warmup} warm-up")
+    shown = len(source) if args.source == "synthetic" else min(len(source), 64)  # DSB2018 decodes each image read
+    sizes = np.array([source[i]["label"].shape for i in range(shown)])
+    print(f"source {args.source}: {len(source)} images (median size {np.median(sizes, 0).astype(int).tolist()}, "
+          f"mean {np.prod(sizes, 1).mean() / 1e6:.2f} Mpixel), ready in {time.perf_counter() - start:.1f} s; "
+          f"batch {args.batch} x {args.crop}², {args.batches} timed batches after {args.warmup} warm-up"
+          + (", compact" if args.compact else ""))
     print(f"{'targets':<12}" + "".join(f"{f'{w} workers':>14}" for w in workers) + "   (images/s)")
     for name in sets:
         row = []
         for count in workers:
             config.data.num_workers = count
-            row.append(images_per_second(source, config, TARGET_SETS[name], args.batches, args.warmup))
+            row.append(images_per_second(source, config, TARGET_SETS[name], args.batches, args.warmup, args.compact))
         print(f"{name:<12}" + "".join(f"{r:>14.1f}" for r in row), flush=True)
 
 

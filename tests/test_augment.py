@@ -117,6 +117,25 @@ def test_intensity_changes_follow_their_definitions():
     assert 0 < (out - image).std() <= 0.05 * 1.1
 
 
+def test_one_grey_channel_gets_the_arithmetic_of_three_equal_ones():
+    grey = np.random.default_rng(3).normal(0.4, 0.3, (48, 40, 1)).astype(np.float32)
+    config = _config(grey_prob=1.0, invert_prob=1.0)  # and the default gamma, contrast, brightness and noise
+    one = augment._intensity(grey, np.random.default_rng(4), config)
+    three = augment._intensity(np.repeat(grey, 3, axis=2), np.random.default_rng(4), config)
+    assert one.shape == (48, 40, 3) and one.dtype == np.float32
+    np.testing.assert_array_equal(one, three)  # bit for bit: the shortcut changes nothing
+
+
+def test_nucleus_pixel_is_the_drawn_one_of_all_nucleus_pixels_in_raster_order():
+    rng = np.random.default_rng(0)
+    label = (rng.random((37, 53)) < 0.05).astype(np.int32) * rng.integers(1, 9, (37, 53))
+    pixels = np.flatnonzero(label)
+    for seed in range(20):
+        expected = np.unravel_index(pixels[np.random.default_rng(seed).integers(len(pixels))], label.shape)
+        assert augment._nucleus_pixel(label, np.random.default_rng(seed)) == tuple(int(i) for i in expected)
+    assert augment._nucleus_pixel(np.zeros((5, 5), np.int32), rng) is None
+
+
 def test_integer_images_are_normalised_first():
     image = np.random.default_rng(2).integers(0, 256, (40, 40, 3)).astype(np.uint8)
     label = np.zeros((40, 40), np.int32)

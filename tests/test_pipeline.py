@@ -6,7 +6,7 @@ import orbax.checkpoint as ocp
 import pytest
 
 from nucjax.config import load_config
-from nucjax.data import pipeline, targets
+from nucjax.data import pipeline, synthetic, targets
 from tests.conftest import REPO
 
 ALL_TARGETS = ["foreground", "boundary", "three_class", "weight_map", "distance", "instances"]
@@ -96,6 +96,37 @@ def test_normalize_inverts_bright_background_when_asked():
     assert inverted[7, 7, 0] > inverted[0, 0, 0]
     dark = 255 - image
     np.testing.assert_array_equal(pipeline.normalize_image(dark, invert_bright=True), pipeline.normalize_image(dark))
+
+
+def test_levels_of_image_levels_map_a_crop_as_normalize_image_maps_the_image():
+    rng = np.random.default_rng(6)
+    colour = (rng.random((30, 34, 3)) ** 3 * 255).astype(np.uint8)
+    grey3 = np.repeat(colour[..., :1], 3, axis=2)
+    cases = [(colour, {}), (grey3, {}), (grey3[..., 0], {}), ((colour * 16.0).astype(np.uint16), {}),
+             (colour / 255.0, {}), (colour, {"grey": True}), (grey3, {"grey": True, "invert_bright": True}),
+             (255 - grey3, {"invert_bright": True}), (np.concatenate([grey3, grey3[..., :1]], axis=2), {})]
+    crop = (slice(5, 21), slice(3, 30))
+    for image, options in cases:
+        pixels, levels = pipeline.image_levels(image, **options)
+        assert pixels.shape[:2] == image.shape[:2] and pixels.shape[2] in (1, 3)
+        part = levels(pixels[crop])
+        whole = pipeline.normalize_image(image, **options)
+        np.testing.assert_array_equal(np.broadcast_to(part, whole[crop].shape), whole[crop])
+    _, levels = pipeline.image_levels(grey3)  # one channel's histogram stands for all three channels' values
+    low, high = np.percentile(grey3, (pipeline.LOW_PERCENTILE, pipeline.HIGH_PERCENTILE))
+    assert levels.low == pytest.approx(low, abs=1e-9) and levels.scale == pytest.approx(1 / (high - low), rel=1e-9)
+
+
+def test_compact_batches_hold_the_same_values_in_uint8():
+    config = _config()
+    names = ["foreground", "boundary", "three_class", "weight_map"]
+    full = _take(iter(_loader(config, names, seed=4)), 2)
+    compact = _take(iter(pipeline.train_loader(_source(), config, target_names=names, seed=4, shard_index=0,
+                                               shard_count=1, compact=True)), 2)
+    for a, b in zip(full, compact):
+        assert {k for k, v in b.items() if v.dtype == np.uint8} == {"valid", "foreground", "boundary", "three_class"}
+        _assert_same([a], [pipeline.widen(b)])
+        assert all(pipeline.widen(b)[k].dtype == a[k].dtype for k in a)
 
 
 def test_batches_have_fixed_shapes_and_consistent_targets():
@@ -217,3 +248,93 @@ def test_eval_examples_pad_to_the_stride_in_source_order():
         np.testing.assert_array_equal(example["label"], original["label"])
         want = targets.compute(original["label"], ["three_class"], config.targets)["three_class"]
         np.testing.assert_array_equal(example["three_class"], want)
+
+
+def _mirror(index, n):
+    index = np.mod(index, 2 * n)
+    return np.where(index >= n, 2 * n - 1 - index, index)
+
+
+def _reference_example(element, rng, config, names):
+    """A training example the straightforward way: normalise the whole image, sample it in three channels (whole
+    rows and columns mirrored), change the intensity in three channels, targets of the valid rectangle."""
+    data, aug, size = config.data, config.data.augment, config.data.crop_size
+    image = pipeline.normalize_image(element["image"], grey=data.grey, invert_bright=data.invert_bright)
+    label = np.asarray(element["label"], np.int32)
+    (height, width), low_high = label.shape, tuple(aug.scale_range)
+    scale = 1.0 if low_high == (1.0, 1.0) else float(np.exp(rng.uniform(np.log(low_high[0]), np.log(low_high[1]))))
+    span = size / scale
+    limits = [(int(np.ceil(min(0, n - span))), int(np.floor(max(0, n - span)))) for n in label.shape]
+    if aug.nuclei_crop_prob > 0 and rng.random() < aug.nuclei_crop_prob and label.any():
+        pixels = np.flatnonzero(label)
+        centre = np.unravel_index(pixels[rng.integers(len(pixels))], label.shape)
+        starts = [int(np.clip(np.round(c + 0.5 - span / 2), lo, hi)) for c, (lo, hi) in zip(centre, limits)]
+    else:
+        starts = [int(rng.integers(lo, hi + 1)) for lo, hi in limits]
+    ys, xs = (start + (np.arange(size) + 0.5) / scale - 0.5 for start in starts)
+    near_y, near_x = np.floor(ys + 0.5).astype(int), np.floor(xs + 0.5).astype(int)
+    valid = (((near_y >= 0) & (near_y < height))[:, None] & ((near_x >= 0) & (near_x < width))[None, :])
+    valid = valid.astype(np.float32)
+    label = np.where(valid > 0, label[np.ix_(_mirror(near_y, height), _mirror(near_x, width))], 0)
+    y0, x0 = np.floor(ys).astype(int), np.floor(xs).astype(int)
+    wy, wx = (ys - y0).astype(np.float32)[:, None, None], (xs - x0).astype(np.float32)[None, :, None]
+    rows = image[_mirror(y0, height)] * (1 - wy) + image[_mirror(y0 + 1, height)] * wy
+    image = rows[:, _mirror(x0, width)] * (1 - wx) + rows[:, _mirror(x0 + 1, width)] * wx
+    if rng.random() < 0.5:
+        image, label, valid = image[::-1], label[::-1], valid[::-1]
+    if rng.random() < 0.5:
+        image, label, valid = image[:, ::-1], label[:, ::-1], valid[:, ::-1]
+    turns = int(rng.integers(4))
+    image, label, valid = (np.ascontiguousarray(np.rot90(a, turns)) for a in (image, label, valid))
+    image = image.astype(np.float32)
+    if aug.grey_prob > 0 and rng.random() < aug.grey_prob:
+        image[...] = image.mean(axis=2, keepdims=True)
+    if aug.invert_prob > 0 and rng.random() < aug.invert_prob:
+        image = 1.0 - image
+    gamma = float(np.exp(rng.uniform(-aug.gamma, aug.gamma)))
+    image = np.copysign(np.abs(image) ** gamma, image)
+    mean = float(image.mean())
+    image = (image - mean) * float(rng.uniform(1 - aug.contrast, 1 + aug.contrast)) + mean
+    image = image + float(rng.uniform(-aug.brightness, aug.brightness))
+    image = image + float(rng.uniform(0, aug.noise_std)) * rng.standard_normal((size, size, 1), np.float32)
+    out = {"image": image, "valid": valid}
+    rows, cols = np.flatnonzero(valid.any(axis=1)), np.flatnonzero(valid.any(axis=0))
+    inside = (slice(rows[0], rows[-1] + 1), slice(cols[0], cols[-1] + 1))
+    for key, value in targets.compute(label[inside], names, config.targets).items():
+        if key == "boxes":
+            value = value + np.float32([rows[0], cols[0], rows[0], cols[0]]) * (value[:, 2:3] > 0)
+        elif value.ndim == 2 and key != "instance_valid":
+            value, part = np.zeros((size, size), value.dtype), value
+            value[inside] = part
+        out[key] = value
+    return out
+
+
+@pytest.mark.parametrize("settings", [
+    {}, {"data.augment.scale_range": (1.0, 1.0)}, {"data.grey": True, "data.invert_bright": True},
+    {"data.augment.grey_prob": 1.0, "data.augment.invert_prob": 0.5, "data.augment.nuclei_crop_prob": 1.0},
+])
+def test_training_examples_equal_the_whole_image_reference_bit_for_bit(settings):
+    config = _config()
+    config.data.crop_size = 48
+    for key, value in settings.items():
+        *path, name = key.split(".")
+        node = config
+        for part in path:
+            node = node[part]
+        node[name] = value
+    names = ("foreground", "boundary", "three_class", "weight_map", "instances")
+    images = [synthetic.generate(i, height=64, width=72, style=style)
+              for i, style in enumerate(("fluorescence", "histology", "brightfield"))]
+    images.append((images[1][0][:20, :30], images[1][1][:20, :30]))  # smaller than the crop: padded
+    images.append((images[0][0][..., 0], images[0][1]))  # one channel
+    prepare = pipeline._Prepare(config, names)
+    for seed in range(12):
+        image, label = images[seed % len(images)]
+        element = {"image": image, "label": label}
+        got = prepare.random_map(element, np.random.default_rng(seed))
+        want = _reference_example(element, np.random.default_rng(seed), config, names)
+        assert sorted(got) == sorted(want)
+        for key in want:
+            assert got[key].dtype == want[key].dtype, key
+            np.testing.assert_array_equal(got[key], want[key], err_msg=f"seed {seed}: {key}")

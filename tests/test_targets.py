@@ -200,3 +200,23 @@ def test_bad_label_image_is_rejected():
         targets.compute(np.zeros((4, 4), np.float32), ["foreground"], _config())
     with pytest.raises(ValueError, match="negative"):
         targets.compute(-np.ones((4, 4), np.int32), ["foreground"], _config())
+
+
+def _random_touching_label(seed: int, shape=(40, 48)) -> np.ndarray:
+    """Overlapping random rectangles (later ones on top): touching instances, instances cut by the image edge."""
+    rng = np.random.default_rng(seed)
+    label = np.zeros(shape, np.int32)
+    for k in range(1, 15):
+        y, x = rng.integers(-4, shape[0]), rng.integers(-4, shape[1])
+        label[max(y, 0) : y + rng.integers(3, 14), max(x, 0) : x + rng.integers(3, 14)] = k
+    return label
+
+
+@pytest.mark.parametrize("width", [1, 2, 3, 4])
+def test_boundary_of_touching_random_instances_is_the_brute_force_one(width):
+    for seed in range(3):
+        label = _random_touching_label(seed)
+        out = targets.compute(label, ["boundary", "three_class"], _config(boundary_width=width))
+        expected = _brute_boundary(label, width)
+        np.testing.assert_array_equal(out["boundary"].astype(bool), expected)
+        np.testing.assert_array_equal(out["three_class"], np.where(expected, 2, (label > 0).astype(np.int32)))

@@ -1,5 +1,10 @@
 """grain input pipelines: the one image normalisation, sharded checkpointable training batches, whole-image eval."""
 
+import dataclasses
+import os
+import signal
+import threading
+import time
 from collections.abc import Iterator, Sequence
 from typing import Any
 
@@ -22,59 +27,169 @@ def normalize_image(image: np.ndarray, *, grey: bool = False, invert_bright: boo
     used, and a constant image gives zeros). `grey`: replace the colour by the channel mean first.
     `invert_bright`: then invert (1 - x) images whose median is above 0.5, i.e. whose background is bright.
     """
+    pixels, levels = image_levels(image, grey=grey, invert_bright=invert_bright)
+    out = levels(pixels)
+    return out if out.shape[2] == 3 else np.repeat(out, 3, axis=2)
+
+
+@dataclasses.dataclass(frozen=True)
+class Levels:
+    """`normalize_image`'s map of one image's values, for any part of its `image_levels` pixels."""
+
+    low: float
+    scale: float
+    invert: bool = False
+    divisor: int = 1  # the pixels hold sums of this many channels: their mean is taken first
+
+    def __call__(self, pixels: np.ndarray) -> np.ndarray:
+        """float32[h, w, C]: (pixels / divisor - low) * scale, then 1 - x when `invert`, of pixels [h, w, C]."""
+        values = pixels.astype(np.float32)
+        if self.divisor != 1:
+            values = np.true_divide(values, self.divisor)
+        values = (values - np.float32(self.low)) * np.float32(self.scale)
+        return np.subtract(1.0, values, out=values) if self.invert else values
+
+
+def image_levels(image: np.ndarray, *, grey: bool = False, invert_bright: bool = False) -> tuple[np.ndarray, Levels]:
+    """(pixels [H, W, C], levels) such that normalize_image(image, ...) = levels(pixels), repeated to 3 channels
+    when C = 1; levels(a crop of pixels) is the same crop of it, so augmentation need only map what it samples.
+
+    `pixels` is a view of the image without alpha, of one channel when the image is grey (one channel, or three
+    equal ones), or, when `grey`, the channel mean (for uint8/uint16 images their exact integer sum, divisor 3).
+    Percentiles of uint8/uint16 values come from their histogram, with np.percentile's linear interpolation.
+    """
     image = np.asarray(image)
-    if image.ndim == 3 and image.shape[2] in (1, 2):
-        image = image[:, :, 0]
+    if image.ndim == 2:
+        image = image[:, :, None]
+    elif image.ndim == 3 and image.shape[2] in (1, 2):
+        image = image[:, :, :1]
     elif image.ndim == 3 and image.shape[2] in (3, 4):
         image = image[:, :, :3]
-    elif image.ndim != 2:
+    else:
         raise ValueError(f"image must be [H, W] or [H, W, C] with C in 1..4, got shape {image.shape}")
     if not (np.issubdtype(image.dtype, np.integer) or np.issubdtype(image.dtype, np.floating)):
         raise ValueError(f"image must hold integers or floats, got dtype {image.dtype}")
-    if image.ndim == 3 and grey:
-        image = image.mean(axis=2, dtype=np.float32)
+    counted = image.dtype in (np.uint8, np.uint16)  # percentiles from a histogram
+    copies, divisor = 1, 1
+    if image.shape[2] == 3 and grey:
+        if counted:  # sum / 3 in float32 is what image.mean(axis=2, dtype=float32) gives
+            image, divisor = image.sum(axis=2, keepdims=True, dtype=np.uint16 if image.itemsize == 1 else np.uint32), 3
+        else:
+            image = image.mean(axis=2, keepdims=True, dtype=np.float32)
     if image.size == 0:
-        return np.zeros((*image.shape[:2], 3), np.float32)
-    low, high, median = _percentiles(image, (LOW_PERCENTILE, HIGH_PERCENTILE, 50.0))
+        return image, Levels(0.0, 0.0)
+    pixels = image
+    if image.shape[2] == 3 and _equal_channels(image):
+        pixels = image[:, :, :1]
+        if counted:
+            image, copies = pixels, 3  # one channel's histogram, each value counted three times
+    if counted:
+        low, high, median, lowest, highest = _histogram_levels(image, copies, divisor)
+    else:
+        low, high, median = (float(v) for v in np.percentile(image, (LOW_PERCENTILE, HIGH_PERCENTILE, 50.0)))
+        lowest, highest = image.min(), image.max()
     if high <= low:
-        low, high = image.min(), image.max()
+        low, high = lowest, highest
     scale = 1.0 / (high - low) if high > low else 0.0
-    image = (image.astype(np.float32) - np.float32(low)) * np.float32(scale)
-    if invert_bright and (median - low) * scale > 0.5:
-        image = 1.0 - image
-    if image.ndim == 2:
-        image = np.repeat(image[:, :, None], 3, axis=2)
-    return image.astype(np.float32, copy=False)
+    invert = bool(invert_bright and (median - low) * scale > 0.5)
+    return pixels, Levels(float(low), float(scale), invert, divisor)
 
 
-def _percentiles(image: np.ndarray, qs: tuple[float, ...]) -> list[float]:
-    """np.percentile(image, qs) (linear interpolation); from the histogram for uint8/uint16 images (faster)."""
-    if image.dtype not in (np.uint8, np.uint16):
-        return [float(v) for v in np.percentile(image, qs)]
+def _equal_channels(image: np.ndarray) -> bool:
+    """Whether the three channels of image [H, W, 3] are equal."""
+    return np.array_equal(image[:, :, 0], image[:, :, 1]) and np.array_equal(image[:, :, 0], image[:, :, 2])
+
+
+def _histogram_levels(image: np.ndarray, copies: int, divisor: int) -> tuple:
+    """(1st, 99.8th, 50th percentile, minimum, maximum) of the values of a non-negative integer image divided by
+    `divisor`, each value counted `copies` times; percentiles as np.percentile's linear interpolation gives them."""
     counts = np.cumsum(np.bincount(image.ravel()))  # counts[v] = number of values <= v
+    if copies != 1:
+        counts *= copies
     last = int(counts[-1]) - 1
     out = []
-    for q in qs:
+    for q in (LOW_PERCENTILE, HIGH_PERCENTILE, 50.0):
         rank = q / 100.0 * last
         below = int(np.floor(rank))
         at = np.searchsorted(counts, [below, min(below + 1, last)], side="right")  # sorted values at those ranks
-        out.append(float(at[0] + (rank - below) * (at[1] - at[0])))
-    return out
+        out.append(float(at[0] + (rank - below) * (at[1] - at[0])) / divisor)
+    lowest, highest = int(np.searchsorted(counts, 0, side="right")), len(counts) - 1
+    if divisor != 1:  # the mean image's float32 minimum and maximum
+        return (*out, np.float32(lowest) / np.float32(divisor), np.float32(highest) / np.float32(divisor))
+    return (*out, lowest, highest)
+
+
+# Targets whose values fit in uint8, and the dtypes the losses take them in (see `train_loader(compact=True)`).
+COMPACT_DTYPES = {"valid": np.float32, "foreground": np.float32, "boundary": np.float32, "three_class": np.int32}
+
+
+def widen(batch: dict[str, Any]) -> dict[str, Any]:
+    """A compact batch (`train_loader(compact=True)`) with the dtypes of a full one: the same values, as float32
+    masks and int32 classes. Takes NumPy or JAX arrays; inside a jitted step the conversion runs on the device."""
+    return {k: v.astype(COMPACT_DTYPES[k]) if k in COMPACT_DTYPES and v.dtype != COMPACT_DTYPES[k] else v
+            for k, v in batch.items()}
 
 
 class _Prepare(grain.transforms.RandomMap):
-    """A source example -> a training example: normalise, augment, targets (seeded by grain's per-record rng)."""
+    """A source example -> a training example: normalise, augment, targets (seeded by grain's per-record rng).
 
-    def __init__(self, config: Any, target_names: tuple[str, ...]):
+    Unpickled in a grain worker process, it makes that process leave SIGINT and SIGTERM to the main process."""
+
+    def __init__(self, config: Any, target_names: tuple[str, ...], compact: bool = False):
         self._data = config.data
         self._targets = config.targets
         self._names = target_names
+        self._compact = compact
+        self._main_pid = os.getpid()
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        if os.getpid() != self._main_pid:
+            _leave_signals_to(self._main_pid)
 
     def random_map(self, element: dict[str, Any], rng: np.random.Generator) -> dict[str, np.ndarray]:
         image, label = _checked(element)
-        image = normalize_image(image, grey=self._data.grey, invert_bright=self._data.invert_bright)
-        image, label, valid = augment.augment(image, label, rng, self._data.augment, self._data.crop_size)
-        return {"image": image, "valid": valid, **_valid_targets(label, valid, self._names, self._targets)}
+        pixels, levels = image_levels(image, grey=self._data.grey, invert_bright=self._data.invert_bright)
+        image, label, valid = augment.augment(pixels, label, rng, self._data.augment, self._data.crop_size,
+                                              levels=levels)
+        out = {"image": image, "valid": valid, **_valid_targets(label, valid, self._names, self._targets)}
+        if self._compact:
+            out.update({k: out[k].astype(np.uint8) for k in COMPACT_DTYPES if k in out})
+        return out
+
+
+_signals_left = False
+
+
+def _leave_signals_to(main_pid: int) -> None:
+    """In a worker process (once): ignore SIGINT and SIGTERM, which a terminal, `timeout` or a batch scheduler send
+    to the whole process group, so that the main process can save its state and then stop the workers itself;
+    and exit as soon as the main process is gone (the worker's parent changes, or the main pid no longer exists),
+    so that a worker never outlives it."""
+    global _signals_left
+    if _signals_left or threading.current_thread() is not threading.main_thread():
+        return
+    _signals_left = True
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, signal.SIG_IGN)
+    parent = os.getppid()
+
+    def watch() -> None:
+        while os.getppid() == parent and _exists(main_pid):
+            time.sleep(0.5)
+        os._exit(0)
+
+    threading.Thread(target=watch, name="nucjax-main-process-watch", daemon=True).start()
+
+
+def _exists(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # it exists, owned by someone else
+        return True
+    return True
 
 
 def _valid_targets(label: np.ndarray, valid: np.ndarray, names: tuple[str, ...], config: Any) -> dict[str, np.ndarray]:
@@ -131,6 +246,7 @@ def train_loader(
     seed: int | None = None,
     shard_index: int | None = None,
     shard_count: int | None = None,
+    compact: bool = False,
 ) -> grain.DataLoader:
     """An endless, checkpointable grain DataLoader of {"image": f32[B, S, S, 3], "valid": f32[B, S, S], targets}.
 
@@ -138,6 +254,9 @@ def train_loader(
     order each epoch) and global position i goes to shard i mod shard_count, so the sequence of global batches and
     their augmentations is the same whatever the number of shards (process k's batch j holds global positions
     j * batch_size + k, + shard_count, ...). Shards default to the JAX processes. Seed defaults to config.seed.
+    `compact`: "valid", "foreground", "boundary" and "three_class" come as uint8 (the same values in a quarter of
+    the bytes that workers write to shared memory and the host sends to the device); `widen` restores the dtypes.
+    Worker processes ignore SIGINT/SIGTERM: the process iterating the loader decides when to stop them.
     """
     names = targets.check_names(target_names)
     if (shard_index is None) != (shard_count is None):
@@ -158,7 +277,7 @@ def train_loader(
     return grain.DataLoader(
         data_source=source,
         sampler=sampler,
-        operations=[_Prepare(config, names), grain.transforms.Batch(batch_size=batch, drop_remainder=True)],
+        operations=[_Prepare(config, names, compact), grain.transforms.Batch(batch_size=batch, drop_remainder=True)],
         worker_count=config.data.num_workers,
         worker_buffer_size=max(config.data.prefetch, 1),
         shard_options=grain.sharding.ShardOptions(shard_index=shard_index, shard_count=shard_count),
