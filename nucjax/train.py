@@ -24,6 +24,7 @@ import optax
 from nucjax import checkpoint as checkpoint_lib
 from nucjax import config as config_lib
 from nucjax import distributed, parallel, variants
+from nucjax.data import pipeline
 from nucjax.inference import Predictor, evaluate_source
 from nucjax.models import cost
 from nucjax.runlog import RunLog
@@ -84,6 +85,7 @@ def create_train_state(config: ml_collections.ConfigDict, module: Any, tx: optax
 def train_step(state: TrainState, batch: Mapping[str, jax.Array], *, module: Any, tx: optax.GradientTransformation,
                variant: variants.Variant, config: ml_collections.ConfigDict) -> tuple[TrainState, dict[str, jax.Array]]:
     """One optimisation step: loss and gradients on the global batch, the AdamW update, the metrics of the step."""
+    batch = pipeline.widen(batch)
     rngs = {"dropout": jax.random.fold_in(state.rng, state.step)}
 
     def loss_fn(params):
@@ -156,7 +158,6 @@ class _Stop:
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> TrainState:
     """Trains `config.variant` as the config says, in `workdir`; resumes from the workdir's latest checkpoint."""
     from nucjax import data
-    from nucjax.data import pipeline
 
     workdir = pathlib.Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
@@ -173,7 +174,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
         data.source_for(config, config.data.train_split),
         data.source_for(config, config.data.eval_split) if config.train.eval_every else None,
     ), "nucjax: data prepared")
-    loader = pipeline.train_loader(train_source, config, target_names=variant.target_names(config), seed=config.seed)
+    loader = pipeline.train_loader(train_source, config, target_names=variant.target_names(config), seed=config.seed,
+                                   compact=True)  # uint8 masks from the workers, widened inside the jitted step
     iterator = iter(loader)
 
     # Model and train state.
