@@ -145,6 +145,17 @@ def detect_from_args(args: argparse.Namespace) -> Launch | None:
     return detect(args.coordinator_address, args.num_processes, args.process_id)
 
 
+def initialize_from_args(args: argparse.Namespace) -> bool:
+    """`initialize(detect_from_args(args))` for a command line: False, after printing the error (which names the
+    flag or environment variable), when the launch settings are inconsistent."""
+    try:
+        initialize(detect_from_args(args))
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return False
+    return True
+
+
 def is_multiprocess() -> bool:
     """Whether this process is one of several."""
     import jax

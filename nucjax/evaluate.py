@@ -303,10 +303,7 @@ def _main_checkpoint(args: argparse.Namespace) -> int:
     from nucjax import distributed
     from nucjax.checkpoint import quiet_libraries
 
-    try:
-        distributed.initialize(distributed.detect_from_args(args))
-    except ValueError as e:
-        print(f"error: {e}", file=sys.stderr)
+    if not distributed.initialize_from_args(args):
         return 2
 
     def work() -> None:

@@ -240,10 +240,7 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     """The command line; returns the exit status (1 if an input failed or nothing could be done)."""
     args = _parser().parse_args(argv)
-    try:
-        distributed.initialize(distributed.detect_from_args(args))
-    except ValueError as e:
-        print(f"error: {e}", file=sys.stderr)
+    if not distributed.initialize_from_args(args):
         return 2
 
     def work() -> int:
