@@ -251,9 +251,11 @@ def train_loader(
     """An endless, checkpointable grain DataLoader of {"image": f32[B, S, S, 3], "valid": f32[B, S, S], targets}.
 
     B = train.batch_size / shard_count, S = data.crop_size. Records are shuffled over the whole source (seed, new
-    order each epoch) and global position i goes to shard i mod shard_count, so the sequence of global batches and
-    their augmentations is the same whatever the number of shards (process k's batch j holds global positions
-    j * batch_size + k, + shard_count, ...). Shards default to the JAX processes. Seed defaults to config.seed.
+    order each epoch) and global position i goes to shard i mod shard_count. With data.num_workers = 0 the sequence
+    of global batches and their augmentations is the same whatever the number of shards (process k's batch j holds
+    global positions j * batch_size + k, + shard_count, ...); with workers, grain gives each worker its own slice
+    of the shard and batches per worker, so batch contents depend on the shard and worker counts (still
+    deterministic for fixed counts). Shards default to the JAX processes. Seed defaults to config.seed.
     `compact`: "valid", "foreground", "boundary" and "three_class" come as uint8 (the same values in a quarter of
     the bytes that workers write to shared memory and the host sends to the device); `widen` restores the dtypes.
     Worker processes ignore SIGINT/SIGTERM: the process iterating the loader decides when to stop them.
