@@ -1,8 +1,9 @@
-"""Orbax checkpoints of a run (train state, input-pipeline position, config) and `load()`, which rebuilds a Predictor.
+"""Orbax checkpoints of a run (train state, config; the step is the input pipeline's position) and `load()`, which
+rebuilds a Predictor.
 
-Every process of a multi-process run takes part in each save into the one directory (a shared filesystem): the
-train state is written once, each process writes its own input-pipeline position, and the step appears only when
-all of it is written. A checkpoint written by N processes restores in any number of processes.
+Every process of a multi-process run takes part in each save into the one directory (a shared filesystem), and the
+step appears only when all of it is written. A checkpoint written by N processes restores in any number of
+processes, with any number of grain workers.
 """
 
 from __future__ import annotations
@@ -10,10 +11,8 @@ from __future__ import annotations
 import contextlib
 import json
 import pathlib
-import re
 from typing import Any, Iterator, Mapping
 
-import grain
 import jax
 import ml_collections
 import numpy as np
@@ -69,43 +68,26 @@ class Checkpoints:
         best = self.manager.best_step()
         return best if best is not None else self.manager.latest_step()
 
-    def save(self, step: int, state: Any, iterator: Any, config: ml_collections.ConfigDict,
+    def save(self, step: int, state: Any, config: ml_collections.ConfigDict,
              metrics: Mapping[str, float] | None = None) -> None:
-        """Writes the train state, the data iterator's position and the config at `step` (atomically). With several
-        processes every one must call it: each writes its own iterator position (`data/process_K-of-N.json`)."""
+        """Writes the train state and the config at `step` (atomically); every process must call it. The input
+        pipeline's position is the step itself (`pipeline.train_loader`'s batch j is a function of j), so a run
+        resumes under any number of processes and grain workers."""
         args = ocp.args.Composite(
             state=ocp.args.StandardSave(state),
-            data=grain.checkpoint.CheckpointSave(iterator),
             config=ocp.args.JsonSave(json.loads(config_lib.to_json(config))),
             meta=ocp.args.JsonSave({"format_version": FORMAT_VERSION, "nucjax": nucjax.__version__}),
         )
         self.manager.save(step, args=args, metrics=dict(metrics) if metrics else None, force=True)
         self.manager.wait_until_finished()
 
-    def restore_training(self, step: int, abstract_state: Any, iterator: Any) -> tuple[Any, Any | None]:
-        """Restores the train state (with the shardings of `abstract_state`, whatever the process and device count
-        that wrote it) and, when the checkpoint was written by as many processes with as many grain workers each as
-        there are now, this process's iterator position. Otherwise the second value is None: rebuild the iterator
-        with `iterator_at_step`."""
+    def restore_training(self, step: int, abstract_state: Any) -> Any:
+        """The train state at `step`, with the shardings of `abstract_state` (whatever the process and device count
+        that wrote it). Checkpoints of earlier nucjax versions also hold a `data` item (grain iterator positions):
+        it is not read, the step gives the position."""
         self._check_meta(step)
-        fits = self.data_layout(step) == (jax.process_count(), json.loads(iterator.get_state())["worker_count"])
-        items = {"state": ocp.args.StandardRestore(abstract_state)}
-        if fits:
-            items["data"] = grain.checkpoint.CheckpointRestore(iterator)
-        restored = self.manager.restore(step, args=ocp.args.Composite(**items))
-        return restored["state"], restored["data"] if fits else None
-
-    def data_layout(self, step: int) -> tuple[int, int] | None:
-        """(processes, grain workers per process) that wrote the input positions of `step`, or None if unreadable."""
-        files = {m.group(1): p for p in (self.directory / str(step) / "data").glob("process_*-of-*.json")
-                 if (m := re.fullmatch(r"process_\d+-of-(\d+)\.json", p.name))}
-        if len(files) != 1:
-            return None
-        count, file = files.popitem()
-        try:
-            return int(count), int(json.loads(file.read_text())["worker_count"])
-        except (OSError, ValueError, KeyError):
-            return None
+        restored = self.manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state)))
+        return restored["state"]
 
     def restore_for_inference(self, step: int) -> tuple[ml_collections.ConfigDict, Any]:
         """The config and the raw train state (NumPy leaves) at `step`, with no model needed beforehand; read by this
@@ -152,28 +134,6 @@ class Checkpoints:
 
     def close(self) -> None:
         self.manager.close()
-
-
-def iterator_at_step(loader: grain.DataLoader, step: int, *, per_process_batch: int, shard_index: int,
-                     shard_count: int, workers: int) -> Any:
-    """A fresh iterator of `loader` (made by `pipeline.train_loader`) positioned after `step` batches: this process's
-    shard continues where a run of `shard_count` processes would be at global step `step`. With `workers` = 0 the
-    global batches are then those of any process count; with grain workers each worker reads its own slice of the
-    shard, so the batches depend on the process count (every record is still seen once per epoch).
-
-    Writes grain's DataLoader state (`last_seen_indices` are positions in the global sampler order) directly."""
-    iterator = iter(loader)
-    state = json.loads(iterator.get_state())
-    slots = max(workers, 1)  # worker w produced batches w, w + workers, ...; no workers: one slot
-    global_slots = slots * shard_count
-    state["last_seen_indices"] = {
-        str(w): shard_index - global_slots + w * shard_count
-        + (step // slots + (w < step % slots)) * per_process_batch * global_slots
-        for w in range(slots)
-    }
-    state["last_worker_index"] = step % slots - 1 if workers else -1
-    iterator.set_state(json.dumps(state).encode())
-    return iterator
 
 
 def find_workdir(path: str | pathlib.Path) -> tuple[pathlib.Path, int | None]:

@@ -176,7 +176,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
     ), "nucjax: data prepared")
     loader = pipeline.train_loader(train_source, config, target_names=variant.target_names(config), seed=config.seed,
                                    compact=True)  # uint8 masks from the workers, widened inside the jitted step
-    iterator = iter(loader)
 
     # Model and train state.
     module = variant.model(config)
@@ -189,18 +188,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
     if start is not None:
         restore_target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                                       abstract, state_sharding)
-        state, restored = checkpoints.restore_training(start, restore_target, iterator)
+        state = checkpoints.restore_training(start, restore_target)
         log.info(f"resumed from step {start} in {checkpoints.directory}")
-        if restored is None:
-            iterator = checkpoint_lib.iterator_at_step(
-                loader, start, per_process_batch=config.train.batch_size // jax.process_count(),
-                shard_index=jax.process_index(), shard_count=jax.process_count(), workers=config.data.num_workers)
-            saved = checkpoints.data_layout(start) or ("?", "?")
-            log.info(f"the input position at step {start} was saved by {saved[0]} process(es) with {saved[1]} grain "
-                     f"worker(s) each, this run has {jax.process_count()} with {config.data.num_workers}: the data "
-                     f"iterator was rebuilt at global step {start} (each process continues its own shard from there)")
-        else:
-            iterator = restored
     else:
         state = jax.jit(functools.partial(create_train_state, config, module, tx), out_shardings=state_sharding)()
         start = 0
@@ -225,6 +214,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
     pending: list[dict[str, jax.Array]] = []
     last_good = start or None
     step = start
+    iterator = loader.iterate(start)  # the input position is the step: batch j is a function of j
     try:
         log.start(step)
         while step < config.train.steps:
@@ -244,12 +234,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
                 val = validate(predictor, state, eval_source, config.train.eval_max_images)
                 log.validation(step, val)
             if checkpoint_due or val is not None:
-                checkpoints.save(step, state, iterator, config, metrics=val)
+                checkpoints.save(step, state, config, metrics=val)
                 last_good = step
             if stopping:
                 log.info(f"stopped by a signal at step {step}; checkpoint saved in {checkpoints.directory}")
                 break
     finally:
+        iterator.close()  # stops grain's worker processes
         stop.restore()
         checkpoints.close()
         log.close()

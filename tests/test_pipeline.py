@@ -1,8 +1,8 @@
-"""The image normalisation, the grain training loader (seeds, shards, Orbax resume) and whole-image evaluation."""
+"""The image normalisation, the grain training batches (seeds, shards, workers, resume at a step) and whole-image
+evaluation."""
 
 import grain
 import numpy as np
-import orbax.checkpoint as ocp
 import pytest
 
 from nucjax.config import load_config
@@ -195,26 +195,38 @@ def test_shards_split_the_global_batches_whatever_the_shard_count():
                 np.testing.assert_array_equal(shards[k][step][key], batch[key][k::2], err_msg=key)
 
 
-@pytest.mark.parametrize("workers", [0, 1])
-def test_resume_from_an_orbax_composite_checkpoint_gives_the_same_next_batches(tmp_path, workers):
-    config = _config(workers=workers)
-    make = lambda: _loader(config, ["foreground", "instances"], seed=9)
-    iterator = iter(make())
-    _take(iterator, 3)
-    manager = ocp.CheckpointManager(tmp_path / "ckpt")
-    manager.save(3, args=ocp.args.Composite(data=grain.checkpoint.CheckpointSave(iterator)))
-    manager.wait_until_finished()
-    expected = _take(iterator, 3)
+def _reference_batches(config, names, seed, count):
+    """The global batches as grain's DataLoader makes them in one process without workers (the reference): records
+    in the IndexSampler's shuffled order, each prepared with the sampler's rng, batched in order."""
+    source = _source()
+    sampler = grain.samplers.IndexSampler(num_records=len(source), shard_options=grain.sharding.NoSharding(),
+                                          shuffle=True, num_epochs=None, seed=seed)
+    loader = grain.DataLoader(data_source=source, sampler=sampler, worker_count=0, operations=[
+        pipeline._Prepare(config, tuple(names)),
+        grain.transforms.Batch(batch_size=config.train.batch_size, drop_remainder=True)])
+    return _take(iter(loader), count)
 
-    resumed = iter(make())
-    restored = ocp.CheckpointManager(tmp_path / "ckpt").restore(
-        3, args=ocp.args.Composite(data=grain.checkpoint.CheckpointRestore(resumed))
-    )
-    _assert_same(_take(restored["data"], 3), expected)
-    manager.close()
-    if workers:  # worker processes change nothing in the batches
-        config.data.num_workers = 0
-        _assert_same(_take(iter(make()), 6)[3:], expected)
+
+@pytest.mark.parametrize("workers,shard_count,start", [(0, 1, 0), (0, 2, 3), (2, 1, 3), (2, 2, 1)])
+def test_batches_are_the_same_for_any_process_and_worker_count_and_any_start(workers, shard_count, start):
+    config = _config(batch_size=4, workers=workers)
+    names = ["foreground", "instances"]
+    want = _reference_batches(config, names, seed=9, count=start + 4)[start:]  # 6 records: crosses epochs
+    shards = [_take(_loader(config, names, seed=9, shard=(k, shard_count)).iterate(start), 4)
+              for k in range(shard_count)]
+    for step, batch in enumerate(want):
+        for key in batch:  # process k's row r is global position shard_count * r + k of the step's batch
+            joined = np.empty_like(batch[key])
+            for k in range(shard_count):
+                joined[k::shard_count] = shards[k][step][key]
+            np.testing.assert_array_equal(joined, batch[key], err_msg=f"step {start + step} {key}")
+
+
+def test_a_batch_can_be_read_by_its_number():
+    loader = _loader(_config(), ["foreground"], seed=2)
+    _assert_same([loader[5]], _take(loader.iterate(5), 1))
+    with pytest.raises(ValueError, match="start must be >= 0"):
+        loader.iterate(-1)
 
 
 def test_batch_size_must_divide_over_the_processes():

@@ -3,6 +3,7 @@
 import dataclasses
 import os
 import signal
+import sys
 import threading
 import time
 from collections.abc import Iterator, Sequence
@@ -238,6 +239,52 @@ def _batch_size(config: Any, shard_count: int) -> int:
     return total // shard_count
 
 
+class _Batch(grain.transforms.Map):
+    """Batch j of one process: its slots p = 0..B-1 hold global positions (j * B + p) * shard_count + shard_index
+    of `sampler`'s endless shuffled order, each prepared with the sampler's rng for that position."""
+
+    def __init__(self, source: Any, sampler: grain.samplers.IndexSampler, prepare: _Prepare, batch: int,
+                 shard_index: int, shard_count: int):
+        self._source, self._sampler, self._prepare = source, sampler, prepare
+        self._batch, self._index, self._count = batch, shard_index, shard_count
+
+    def map(self, j: int) -> dict[str, np.ndarray]:
+        examples = []
+        for p in range(self._batch):
+            record = self._sampler[(j * self._batch + p) * self._count + self._index]
+            examples.append(self._prepare.random_map(self._source[record.record_key], record.rng))
+        return {key: np.stack([e[key] for e in examples]) for key in examples[0]}
+
+
+class TrainBatches:
+    """This process's endless training batches, addressable by number: batch j is a pure function of the source,
+    the config, the seed, j and the shard, so the input position of a run is its step, whatever the number of
+    processes and grain workers that compute it (see `train_loader`)."""
+
+    def __init__(self, batches: grain.MapDataset, workers: int, prefetch: int):
+        self._batches, self._workers, self._prefetch = batches, workers, prefetch
+
+    def __getitem__(self, j: int) -> dict[str, np.ndarray]:
+        return self._batches[j]
+
+    def iterate(self, start: int = 0) -> Iterator[dict[str, np.ndarray]]:
+        """Batches start, start + 1, ...; with data.num_workers > 0 computed by that many processes (worker w
+        computes batches w, w + workers, ...; they come back in order). Workers ignore SIGINT/SIGTERM: the process
+        iterating decides when to stop them (it does by dropping the iterator, or exiting)."""
+        if start < 0:
+            raise ValueError(f"TrainBatches.iterate: start must be >= 0, got {start}")
+        dataset = self._batches[start:].to_iter_dataset(grain.ReadOptions(num_threads=1, prefetch_buffer_size=1))
+        if self._workers > 0:
+            if not flags.FLAGS.is_parsed():
+                flags.FLAGS.mark_as_parsed()  # grain reads its absl flags when it starts workers; outside an app: defaults
+            dataset = dataset.mp_prefetch(grain.MultiprocessingOptions(
+                num_workers=self._workers, per_worker_buffer_size=self._prefetch))
+        return iter(dataset)
+
+    def __iter__(self) -> Iterator[dict[str, np.ndarray]]:
+        return self.iterate(0)
+
+
 def train_loader(
     source: Any,
     config: Any,
@@ -247,18 +294,17 @@ def train_loader(
     shard_index: int | None = None,
     shard_count: int | None = None,
     compact: bool = False,
-) -> grain.DataLoader:
-    """An endless, checkpointable grain DataLoader of {"image": f32[B, S, S, 3], "valid": f32[B, S, S], targets}.
+) -> TrainBatches:
+    """This process's endless training batches {"image": f32[B, S, S, 3], "valid": f32[B, S, S], targets}.
 
     B = train.batch_size / shard_count, S = data.crop_size. Records are shuffled over the whole source (seed, new
-    order each epoch) and global position i goes to shard i mod shard_count. With data.num_workers = 0 the sequence
-    of global batches and their augmentations is the same whatever the number of shards (process k's batch j holds
-    global positions j * batch_size + k, + shard_count, ...); with workers, grain gives each worker its own slice
-    of the shard and batches per worker, so batch contents depend on the shard and worker counts (still
-    deterministic for fixed counts). Shards default to the JAX processes. Seed defaults to config.seed.
+    order each epoch; grain's IndexSampler) and global position i goes to shard i mod shard_count: process k's
+    batch j holds global positions j * batch_size + k, + shard_count, ..., each augmented with the sampler's rng
+    for its position. So the sequence of global batches and their augmentations is the same whatever the number of
+    shards and of grain workers (data.num_workers, which compute whole batches), and a run resumes at any step
+    under any of them: `loader.iterate(step)`. Shards default to the JAX processes, seed to config.seed.
     `compact`: "valid", "foreground", "boundary" and "three_class" come as uint8 (the same values in a quarter of
     the bytes that workers write to shared memory and the host sends to the device); `widen` restores the dtypes.
-    Worker processes ignore SIGINT/SIGTERM: the process iterating the loader decides when to stop them.
     """
     names = targets.check_names(target_names)
     if (shard_index is None) != (shard_count is None):
@@ -271,20 +317,12 @@ def train_loader(
     if len(source) == 0:
         raise ValueError("train_loader: the training source is empty")
     seed = config.seed if seed is None else seed
-    if config.data.num_workers > 0 and not flags.FLAGS.is_parsed():
-        flags.FLAGS.mark_as_parsed()  # grain reads its absl flags when it starts workers; outside an absl app: defaults
     sampler = grain.samplers.IndexSampler(
         num_records=len(source), shard_options=grain.sharding.NoSharding(), shuffle=True, num_epochs=None, seed=seed
     )
-    return grain.DataLoader(
-        data_source=source,
-        sampler=sampler,
-        operations=[_Prepare(config, names, compact), grain.transforms.Batch(batch_size=batch, drop_remainder=True)],
-        worker_count=config.data.num_workers,
-        worker_buffer_size=max(config.data.prefetch, 1),
-        shard_options=grain.sharding.ShardOptions(shard_index=shard_index, shard_count=shard_count),
-        read_options=grain.ReadOptions(num_threads=2, prefetch_buffer_size=2 * batch),
-    )
+    prepare = _Prepare(config, names, compact)
+    batches = grain.MapDataset.range(sys.maxsize).map(_Batch(source, sampler, prepare, batch, shard_index, shard_count))
+    return TrainBatches(batches, config.data.num_workers, max(config.data.prefetch, 1))
 
 
 def pad_to_multiple(array: np.ndarray, stride: int) -> np.ndarray:
