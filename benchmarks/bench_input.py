@@ -42,6 +42,9 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--batches", type=int, default=10, help="timed batches per cell")
     p.add_argument("--warmup", type=int, default=2, help="untimed batches per cell")
     p.add_argument("--compact", action="store_true", help="uint8 masks and classes (train_loader(compact=True))")
+    p.add_argument("--cache-mb", type=float, default=None,
+                   help="data.cache_mb, decoded examples kept per process or worker (default: the config's); time "
+                        "later epochs with --warmup past the first")
     return p.parse_args()
 
 
@@ -64,12 +67,15 @@ def images_per_second(source, config, names: list[str], batches: int, warmup: in
     """Training images per second delivered by a fresh loader after `warmup` batches."""
     iterator = iter(pipeline.train_loader(source, config, target_names=names, seed=0, shard_index=0, shard_count=1,
                                           compact=compact))
-    for _ in range(warmup):
-        next(iterator)
-    start = time.perf_counter()
-    for _ in range(batches):
-        batch = next(iterator)
-    elapsed = time.perf_counter() - start
+    try:
+        for _ in range(warmup):
+            next(iterator)
+        start = time.perf_counter()
+        for _ in range(batches):
+            batch = next(iterator)
+        elapsed = time.perf_counter() - start
+    finally:
+        iterator.close()  # stops the workers
     assert batch["image"].shape == (config.train.batch_size, config.data.crop_size, config.data.crop_size, 3)
     return batches * config.train.batch_size / elapsed
 
@@ -79,6 +85,8 @@ def main() -> None:
     config = load_config(REPO_CONFIG)
     config.train.batch_size = args.batch
     config.data.crop_size = args.crop
+    if args.cache_mb is not None:
+        config.data.cache_mb = args.cache_mb
     workers = [int(w) for w in args.workers.split(",")]
     sets = [s.strip() for s in args.sets.split(",")]
     start = time.perf_counter()
@@ -88,7 +96,7 @@ def main() -> None:
     print(f"source {args.source}: {len(source)} images (median size {np.median(sizes, 0).astype(int).tolist()}, "
           f"mean {np.prod(sizes, 1).mean() / 1e6:.2f} Mpixel), ready in {time.perf_counter() - start:.1f} s; "
           f"batch {args.batch} x {args.crop}², {args.batches} timed batches after {args.warmup} warm-up"
-          + (", compact" if args.compact else ""))
+          + (", compact" if args.compact else "") + f", data.cache_mb={config.data.cache_mb:g}")
     print(f"{'targets':<12}" + "".join(f"{f'{w} workers':>14}" for w in workers) + "   (images/s)")
     for name in sets:
         row = []

@@ -20,6 +20,7 @@ def get_config() -> ml_collections.ConfigDict:
     config.data.crop_size = 256
     config.data.num_workers = 0  # grain worker processes (0 = in the main process)
     config.data.prefetch = 2
+    config.data.cache_mb = 1024.0  # decoded training examples kept per process or grain worker (0 = none)
     config.data.grey = False  # stain robustness: feed the grey level to all three channels
     config.data.invert_bright = False  # stain robustness: invert images whose background is bright
 

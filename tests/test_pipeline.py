@@ -222,6 +222,28 @@ def test_batches_are_the_same_for_any_process_and_worker_count_and_any_start(wor
             np.testing.assert_array_equal(joined, batch[key], err_msg=f"step {start + step} {key}")
 
 
+@pytest.mark.parametrize("cache_records", [0, 2])
+def test_the_decoded_example_cache_keeps_to_its_budget_and_changes_nothing(cache_records):
+    config = _config(batch_size=4)
+    names = ["foreground", "boundary"]
+    source = _source()
+    sizes = [3 * e["label"].size + 2 * e["label"].size for e in source]  # 3-channel uint8 pixels, uint16 labels
+    config.data.cache_mb = sum(sorted(sizes)[:cache_records]) / 2**20 if cache_records else 0
+    loader = _loader(config, names, seed=9)
+    _assert_same(_take(loader.iterate(0), 5), _reference_batches(config, names, seed=9, count=5))
+    sampler = grain.samplers.IndexSampler(num_records=6, shard_options=grain.sharding.NoSharding(), shuffle=True,
+                                          num_epochs=None, seed=9)
+    batch = pipeline._Batch(source, sampler, pipeline._Prepare(config, tuple(names)), 4, 0, 1,
+                            int(config.data.cache_mb * 2**20))
+    for j in range(3):  # two epochs of 6 records
+        batch.map(j)
+    assert batch._cached <= config.data.cache_mb * 2**20
+    assert len(batch._cache) <= cache_records and (len(batch._cache) > 0) == (cache_records > 0)
+    for key, (pixels, _, label) in batch._cache.items():
+        assert label.dtype == np.uint16 and pixels.flags["C_CONTIGUOUS"]
+        np.testing.assert_array_equal(label, source[key]["label"])
+
+
 def test_a_batch_can_be_read_by_its_number():
     loader = _loader(_config(), ["foreground"], seed=2)
     _assert_same([loader[5]], _take(loader.iterate(5), 1))

@@ -55,7 +55,7 @@ def _check(image: np.ndarray, label: np.ndarray, levels: Callable | None) -> tup
     if levels is None:
         image = image.astype(np.float32, copy=False)
         levels = _as_float32
-    return image, label.astype(np.int32, copy=False), levels
+    return image, label, levels  # any integer dtype: the crop comes out as int32
 
 
 def _as_float32(pixels: np.ndarray) -> np.ndarray:
