@@ -37,6 +37,9 @@ def parse_args() -> argparse.Namespace:
                         "(default: dense,dense+cpu-options,transpose,resize on CPU, dense,transpose,resize on GPU)")
     p.add_argument("--torch", default="nchw,channels_last", help="PyTorch forms: nchw, channels_last (or none)")
     p.add_argument("--compile", action="store_true", help="also time torch.compile (channels_last)")
+    p.add_argument("--profile", default="",
+                   help="after timing, trace --steps steps of the first JAX form with jax.profiler into this "
+                        "directory and print the top costs")
     p.add_argument("--peak-tflops", type=float, default=0.0,
                    help="the device's peak TFLOP/s at this precision, to print model FLOP utilisation (MFU)")
     args = p.parse_args()
@@ -59,6 +62,7 @@ import torch.nn.functional as F  # noqa: E402
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from torch_unet import TorchUNet, load_flax_params  # noqa: E402
+from trace_summary import print_top  # noqa: E402
 
 from nucjax import losses  # noqa: E402
 from nucjax.models.cost import count_params, forward_flops  # noqa: E402
@@ -144,7 +148,7 @@ def jax_runner(form: str, images: np.ndarray, targets: np.ndarray):
     compiled = jax.jit(step, donate_argnums=(0, 1)).lower(*state, x, y, valid).compile(
         compiler_options=CPU_COMPILER_OPTIONS if options else None
     )
-    cost = step_cost(step, state, x, y, valid)
+    cost = step_cost(step, *state, x, y, valid)
     mem = compiled.memory_analysis()
     info = {
         "params": count_params(params),
@@ -256,6 +260,12 @@ def main() -> None:
 
     best, best_cpu, peak = time_interleaved(runners, sampler)
     report(runners, best, best_cpu, peak, sampler.peak_ever, reference)
+    if ARGS.profile:
+        name, (run, _) = next((n, r) for n, r in runners.items() if n.startswith("jax"))
+        with jax.profiler.trace(ARGS.profile, create_perfetto_trace=True):
+            run(ARGS.steps)
+        print(f"\njax.profiler trace of {ARGS.steps} steps of {name} in {ARGS.profile}; top costs:")
+        print_top(ARGS.profile, 20)
 
 
 def time_interleaved(runners: dict, sampler: RssSampler) -> tuple[dict, dict, dict]:

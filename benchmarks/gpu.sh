@@ -1,14 +1,19 @@
 #!/usr/bin/env bash
 # Every GPU figure of the issues in a few calls on a lent GPU machine (see docs/scaling.md):
-#   bash benchmarks/gpu.sh bench OUT        U-Net train step vs PyTorch (bf16), tiled prediction, input pipeline
+#   bash benchmarks/gpu.sh bench OUT        U-Net train step vs PyTorch (bf16) with a jax.profiler trace, tiled
+#                                           prediction
 #   bash benchmarks/gpu.sh bench-more OUT   Mask R-CNN vs torchvision, the float32 U-Net step
+#   bash benchmarks/gpu.sh input OUT        the input pipeline on the 16 cores (synthetic; DSB2018 with and
+#                                           without the decoded-example cache)
 #   bash benchmarks/gpu.sh study OUT [S]    the `gpu` study budget, three seeds side by side, stopped (SIGTERM,
 #                                           checkpoint saved) after S seconds; run it again to go on
+#   bash benchmarks/gpu.sh study-fp32 OUT [S]  unet_boundary x 3 seeds of the same budget in float32 (does bf16
+#                                           change the results beyond seed noise?), in runs/gpu-fp32
 # Each stage fits one 10-minute call. Run from the repository root. Missing Python packages travel as wheels in
 # .whl/ (installed to /tmp/site), the prepared DSB2018 (holdout_fraction=0.1, 45 MiB) in .gpudata/ (copy
 # ~/.cache/nucjax/datasets/dsb2018/holdout_fraction=0.1 and .config there). Results go to OUT (default $OUT).
 set -u
-stage=${1:?usage: gpu.sh bench|bench-more|study OUT [seconds]}
+stage=${1:?usage: gpu.sh bench|bench-more|input|study|study-fp32 OUT [seconds]}
 out=${2:-${OUT:?give OUT}}
 limit=${3:-420}
 mkdir -p "$out"
@@ -27,12 +32,18 @@ if [ "$stage" = bench ]; then
   } 2>&1 | tee "$out/machine.txt"
   # H100 SXM dense peaks: 989 TFLOP/s bf16, 495 TF32 (XLA and PyTorch use TF32 for float32 convolutions by default)
   timeout 240 python3 benchmarks/bench_train.py --device gpu --precision bfloat16 --batch 128 --steps 20 --rounds 3 \
-    --upsample dense,transpose --torch channels_last --compile --peak-tflops 989 2>&1 | tee "$out/bench_train_bf16.txt"
+    --upsample dense,transpose --torch channels_last --compile --peak-tflops 989 --profile /tmp/nucjax-trace \
+    2>&1 | tee "$out/bench_train_bf16.txt"
   timeout 200 python3 benchmarks/bench_predict.py --config configs/unet_boundary.py \
     --override model.base_width=32 precision=bfloat16 predict.tile_size=1024 predict.tile_batch=8 --sizes 1024,4096 \
     2>&1 | tee "$out/bench_predict.txt"
-  timeout 120 python3 benchmarks/bench_input.py --source synthetic --size 256 320 --images 96 --batch 128 --crop 256 \
+elif [ "$stage" = input ]; then
+  timeout 150 python3 benchmarks/bench_input.py --source synthetic --size 256 320 --images 96 --batch 128 --crop 256 \
     --workers 0,15 --sets boundary,3-class --batches 6 2>&1 | tee "$out/bench_input.txt"
+  for cache in 0 1024; do
+    timeout 200 python3 benchmarks/bench_input.py --source dsb2018 --batch 128 --crop 256 --workers 0,15 \
+      --sets boundary --compact --warmup 20 --batches 10 --cache-mb $cache 2>&1 | tee -a "$out/bench_input_dsb.txt"
+  done
 elif [ "$stage" = bench-more ]; then
   timeout 300 python3 benchmarks/bench_maskrcnn.py --depth 50 --size 256 --batch 8 --instances 32 --steps 10 \
     --precision bfloat16 2>&1 | tee "$out/bench_maskrcnn.txt"
@@ -54,7 +65,18 @@ elif [ "$stage" = study ]; then
   tar czf "$out/study.tgz" runs/gpu/results runs/gpu/figures runs/gpu/*/metrics.jsonl runs/gpu/*/config.json \
     runs/gpu/*/study.json 2>/dev/null
   ls -la "$out"
+elif [ "$stage" = study-fp32 ]; then
+  export XLA_PYTHON_CLIENT_MEM_FRACTION=0.3
+  common=(--budget gpu --workdir runs/gpu-fp32 --results-dir runs/gpu-fp32/results --figures-dir runs/gpu-fp32/figures
+          --variants unet_boundary --no-classical --override precision=float32)
+  for s in 0 1 2; do
+    timeout -s TERM "$limit" python3 -m experiments.study "${common[@]}" --seeds $s > "$out/fp32-seed$s.log" 2>&1 &
+  done
+  wait
+  tail -n 5 "$out"/fp32-seed*.log
+  tar czf "$out/study-fp32.tgz" runs/gpu-fp32/results runs/gpu-fp32/*/metrics.jsonl runs/gpu-fp32/*/study.json \
+    2>/dev/null
 else
-  echo "unknown stage $stage (bench, bench-more or study)" >&2
+  echo "unknown stage $stage (bench, bench-more, input, study or study-fp32)" >&2
   exit 2
 fi

@@ -1,0 +1,49 @@
+"""The top costs of a `jax.profiler` trace: total time per (process, event name), from its Perfetto JSON.
+
+`jax.profiler.trace(DIR, create_perfetto_trace=True)` writes DIR/plugins/profile/<run>/perfetto_trace.json.gz;
+on a GPU its device processes hold the kernels (fusions, convolutions), the host ones the Python and runtime.
+
+  python benchmarks/trace_summary.py DIR [--top 20] [--python]
+"""
+
+import argparse
+import collections
+import gzip
+import json
+import pathlib
+
+
+def top_events(trace_dir: str | pathlib.Path, count: int = 20,
+               python: bool = False) -> list[tuple[float, str, str, int]]:
+    """(total ms, process name, event name, calls) of the `count` costliest complete events of the newest trace;
+    Python frames (names starting with "$") only when `python`."""
+    files = sorted(pathlib.Path(trace_dir).glob("**/perfetto_trace.json.gz"), key=lambda p: p.stat().st_mtime)
+    if not files:
+        raise FileNotFoundError(f"no perfetto_trace.json.gz under {trace_dir}: trace with create_perfetto_trace=True")
+    with gzip.open(files[-1], "rt") as f:
+        trace = json.load(f)
+    events = trace["traceEvents"] if isinstance(trace, dict) else trace
+    names = {e["pid"]: e["args"]["name"] for e in events if e.get("ph") == "M" and e.get("name") == "process_name"}
+    total: collections.Counter = collections.Counter()
+    calls: collections.Counter = collections.Counter()
+    for e in events:
+        if e.get("ph") == "X" and (python or not e.get("name", "").startswith("$")):
+            key = (names.get(e.get("pid"), str(e.get("pid"))), e.get("name", "?"))
+            total[key] += e.get("dur", 0.0) / 1e3
+            calls[key] += 1
+    return [(ms, process, name, calls[(process, name)]) for (process, name), ms in total.most_common(count)]
+
+
+def print_top(trace_dir: str | pathlib.Path, count: int = 20, python: bool = False) -> None:
+    print(f"{'total ms':>10}{'calls':>7}  process / event")
+    for ms, process, name, n in top_events(trace_dir, count, python):
+        print(f"{ms:>10.2f}{n:>7}  {process[:30]} / {name[:90]}")
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("trace_dir")
+    parser.add_argument("--top", type=int, default=20)
+    parser.add_argument("--python", action="store_true", help="include Python frames")
+    args = parser.parse_args()
+    print_top(args.trace_dir, args.top, args.python)
