@@ -268,6 +268,19 @@ def test_bad_example_is_named_in_the_error():
         list(pipeline.eval_examples(source, _config(), stride=16))
 
 
+@pytest.mark.parametrize("workers", [0, 1])
+def test_a_bad_training_example_is_named_in_the_error_also_from_a_worker(workers):
+    source = _source(2)
+    source[1] = {**source[1], "label": source[1]["label"][:-3]}
+    iterator = pipeline.train_loader(source, _config(batch_size=2, workers=workers), target_names=["foreground"],
+                                     seed=0, shard_index=0, shard_count=1).iterate(0)
+    try:
+        with pytest.raises(ValueError, match=r"example img1: image \(52, 56, 3\) and label \(49, 56\) differ"):
+            next(iterator)
+    finally:
+        iterator.close()
+
+
 def test_eval_examples_pad_to_the_stride_in_source_order():
     source, config = _source(3), _config()
     examples = list(pipeline.eval_examples(source, config, stride=16, target_names=["three_class"]))
