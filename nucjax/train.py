@@ -23,7 +23,7 @@ import optax
 
 from nucjax import checkpoint as checkpoint_lib
 from nucjax import config as config_lib
-from nucjax import distributed, parallel, variants
+from nucjax import distributed, intensity, parallel, variants
 from nucjax.data import pipeline
 from nucjax.inference import Predictor, evaluate_source
 from nucjax.models import cost
@@ -84,9 +84,13 @@ def create_train_state(config: ml_collections.ConfigDict, module: Any, tx: optax
 
 def train_step(state: TrainState, batch: Mapping[str, jax.Array], *, module: Any, tx: optax.GradientTransformation,
                variant: variants.Variant, config: ml_collections.ConfigDict) -> tuple[TrainState, dict[str, jax.Array]]:
-    """One optimisation step: loss and gradients on the global batch, the AdamW update, the metrics of the step."""
+    """One optimisation step: the batch's intensity augmentation, loss and gradients on the global batch, the AdamW
+    update, the metrics of the step."""
+    step_key = jax.random.fold_in(state.rng, state.step)
     batch = pipeline.widen(batch)
-    rngs = {"dropout": jax.random.fold_in(state.rng, state.step)}
+    if "intensity" in batch:  # from pipeline.train_loader; a batch made by hand is used as it is
+        batch = {**batch, "image": intensity.apply(batch["image"], batch["intensity"], jax.random.fold_in(step_key, 1))}
+    rngs = {"dropout": step_key}
 
     def loss_fn(params):
         variables = {"params": params, **({"batch_stats": state.batch_stats} if state.batch_stats else {})}

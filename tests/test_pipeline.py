@@ -134,6 +134,7 @@ def test_batches_have_fixed_shapes_and_consistent_targets():
     for batch in _take(iter(_loader(config, ALL_TARGETS)), 3):
         expected = {
             "image": ((4, 32, 32, 3), np.float32), "valid": ((4, 32, 32), np.float32),
+            "intensity": ((4, 6), np.float32),
             "foreground": ((4, 32, 32), np.float32), "boundary": ((4, 32, 32), np.float32),
             "three_class": ((4, 32, 32), np.int32), "weight_map": ((4, 32, 32), np.float32),
             "distance": ((4, 32, 32), np.float32), "boxes": ((4, 8, 4), np.float32),
@@ -191,8 +192,8 @@ def test_shards_split_the_global_batches_whatever_the_shard_count():
     for step, batch in enumerate(whole):
         for k in range(2):
             assert shards[k][step]["image"].shape == (2, 32, 32, 3)
-            for key in batch:  # process k's row j is global position 2 * j + k of the step's batch
-                np.testing.assert_array_equal(shards[k][step][key], batch[key][k::2], err_msg=key)
+            for key in batch:  # process k's rows are the k-th half of the step's global batch
+                np.testing.assert_array_equal(shards[k][step][key], batch[key][2 * k : 2 * k + 2], err_msg=key)
 
 
 def _reference_batches(config, names, seed, count):
@@ -215,10 +216,8 @@ def test_batches_are_the_same_for_any_process_and_worker_count_and_any_start(wor
     shards = [_take(_loader(config, names, seed=9, shard=(k, shard_count)).iterate(start), 4)
               for k in range(shard_count)]
     for step, batch in enumerate(want):
-        for key in batch:  # process k's row r is global position shard_count * r + k of the step's batch
-            joined = np.empty_like(batch[key])
-            for k in range(shard_count):
-                joined[k::shard_count] = shards[k][step][key]
+        for key in batch:  # the processes' parts, stacked in process order, are the step's global batch
+            joined = np.concatenate([shards[k][step][key] for k in range(shard_count)])
             np.testing.assert_array_equal(joined, batch[key], err_msg=f"step {start + step} {key}")
 
 
@@ -304,7 +303,8 @@ def _mirror(index, n):
 
 def _reference_example(element, rng, config, names):
     """A training example the straightforward way: normalise the whole image, sample it in three channels (whole
-    rows and columns mirrored), change the intensity in three channels, targets of the valid rectangle."""
+    rows and columns mirrored), draw the intensity changes (made on the device later), targets of the valid
+    rectangle."""
     data, aug, size = config.data, config.data.augment, config.data.crop_size
     image = pipeline.normalize_image(element["image"], grey=data.grey, invert_bright=data.invert_bright)
     label = np.asarray(element["label"], np.int32)
@@ -334,17 +334,14 @@ def _reference_example(element, rng, config, names):
     turns = int(rng.integers(4))
     image, label, valid = (np.ascontiguousarray(np.rot90(a, turns)) for a in (image, label, valid))
     image = image.astype(np.float32)
-    if aug.grey_prob > 0 and rng.random() < aug.grey_prob:
-        image[...] = image.mean(axis=2, keepdims=True)
-    if aug.invert_prob > 0 and rng.random() < aug.invert_prob:
-        image = 1.0 - image
+    grey = float(aug.grey_prob > 0 and rng.random() < aug.grey_prob)  # the drawn intensity changes, in order
+    invert = float(aug.invert_prob > 0 and rng.random() < aug.invert_prob)
     gamma = float(np.exp(rng.uniform(-aug.gamma, aug.gamma)))
-    image = np.copysign(np.abs(image) ** gamma, image)
-    mean = float(image.mean())
-    image = (image - mean) * float(rng.uniform(1 - aug.contrast, 1 + aug.contrast)) + mean
-    image = image + float(rng.uniform(-aug.brightness, aug.brightness))
-    image = image + float(rng.uniform(0, aug.noise_std)) * rng.standard_normal((size, size, 1), np.float32)
-    out = {"image": image, "valid": valid}
+    contrast = float(rng.uniform(1 - aug.contrast, 1 + aug.contrast))
+    brightness = float(rng.uniform(-aug.brightness, aug.brightness))
+    noise_std = float(rng.uniform(0, aug.noise_std))
+    intensity = np.float32([grey, invert, gamma, contrast, brightness, noise_std])
+    out = {"image": image, "valid": valid, "intensity": intensity}
     rows, cols = np.flatnonzero(valid.any(axis=1)), np.flatnonzero(valid.any(axis=0))
     inside = (slice(rows[0], rows[-1] + 1), slice(cols[0], cols[-1] + 1))
     for key, value in targets.compute(label[inside], names, config.targets).items():

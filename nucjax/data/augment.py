@@ -1,4 +1,5 @@
-"""Joint random augmentation of a normalised image and its label image: crop, scale, flips, rot90, intensity."""
+"""Joint random augmentation of a normalised image and its label image: crop, scale, flips, rot90 here; the
+per-image intensity changes are drawn here and applied on the device (`nucjax.intensity`), inside the train step."""
 
 from collections.abc import Callable
 from typing import Any
@@ -14,10 +15,12 @@ def augment(
     crop_size: int,
     *,
     levels: Callable[[np.ndarray], np.ndarray] | None = None,
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """A random S x S view (S = crop_size) of image [H, W, 3] and label int[H, W]: (image f32[S, S, 3],
-    label int32[S, S], valid f32[S, S]); `config` is the run config's `data.augment`. Float images are taken as
-    already normalised (`pipeline.normalize_image`), integer ones are normalised here.
+    label int32[S, S], valid f32[S, S], intensity f32[6]); `config` is the run config's `data.augment`. Float
+    images are taken as already normalised (`pipeline.normalize_image`), integer ones are normalised here. The
+    image is the geometric view only; `intensity` holds the image's drawn intensity changes (`draw_intensity`),
+    which `nucjax.intensity.apply` makes on the device.
 
     `levels` (with `pipeline.image_levels`' pixels [H, W, 1 or 3] as `image`) normalises only the pixels the crop
     reads, before they are interpolated: the result is that of augmenting the whole normalised image. Grey pixels
@@ -36,8 +39,11 @@ def augment(
     if config.rot90:
         turns = int(rng.integers(4))
         image, label, valid = (np.rot90(a, turns) for a in (image, label, valid))
-    image = _intensity(image, rng, config)
-    return image, np.ascontiguousarray(label), np.ascontiguousarray(valid)
+    intensity = draw_intensity(rng, config)
+    if image.shape[2] == 1:
+        image = np.repeat(image, 3, axis=2)
+    return (np.ascontiguousarray(image, dtype=np.float32), np.ascontiguousarray(label), np.ascontiguousarray(valid),
+            intensity)
 
 
 def _check(image: np.ndarray, label: np.ndarray, levels: Callable | None) -> tuple[np.ndarray, np.ndarray, Callable]:
@@ -160,33 +166,26 @@ def _grey(window: np.ndarray) -> np.ndarray:
     return window
 
 
-def _intensity(image: np.ndarray, rng: np.random.Generator, config: Any) -> np.ndarray:
-    """Colour-to-grey, inversion, gamma, contrast, brightness and Gaussian noise (one value per pixel for all
-    channels, std drawn up to noise_std), each drawn per image; float32 throughout. image f32[S, S, 1 or 3] ->
-    f32[S, S, 3]: one channel stands for three equal ones and gets their arithmetic (the channel mean is
-    ((x + x) + x) / 3, the contrast mean is over all three)."""
-    image = np.array(image, np.float32, order="C")  # a copy: the changes below are made in place
+# The order of the values `draw_intensity` returns and `nucjax.intensity.apply` reads; NEUTRAL changes nothing.
+INTENSITY = ("grey", "invert", "gamma", "contrast", "brightness", "noise_std")
+NEUTRAL = (0.0, 0.0, 1.0, 1.0, 0.0, 0.0)
+
+
+def draw_intensity(rng: np.random.Generator, config: Any) -> np.ndarray:
+    """One image's intensity changes f32[6] in `INTENSITY` order, each drawn when its setting is > 0: colour to
+    grey (with grey_prob), inversion (invert_prob), gamma exp(U(-gamma, gamma)), contrast factor
+    U(1 - contrast, 1 + contrast), brightness shift U(-brightness, brightness), Gaussian noise std U(0, noise_std)."""
+    out = list(NEUTRAL)
     if config.grey_prob > 0 and rng.random() < config.grey_prob:
-        if image.shape[2] == 3:
-            image[...] = image.mean(axis=2, keepdims=True)
-        else:
-            image = (image + image + image) / 3
+        out[0] = 1.0
     if config.invert_prob > 0 and rng.random() < config.invert_prob:
-        np.subtract(1.0, image, out=image)
+        out[1] = 1.0
     if config.gamma > 0:
-        gamma = float(np.exp(rng.uniform(-config.gamma, config.gamma)))
-        magnitude = np.abs(image)
-        magnitude **= gamma
-        image = np.copysign(magnitude, image, out=magnitude)
-    if image.shape[2] == 1:
-        image = np.repeat(image, 3, axis=2)
+        out[2] = float(np.exp(rng.uniform(-config.gamma, config.gamma)))
     if config.contrast > 0:
-        mean = float(image.mean())
-        image -= mean
-        image *= float(rng.uniform(1 - config.contrast, 1 + config.contrast))
-        image += mean
+        out[3] = float(rng.uniform(1 - config.contrast, 1 + config.contrast))
     if config.brightness > 0:
-        image += float(rng.uniform(-config.brightness, config.brightness))
+        out[4] = float(rng.uniform(-config.brightness, config.brightness))
     if config.noise_std > 0:
-        image += float(rng.uniform(0, config.noise_std)) * rng.standard_normal((*image.shape[:2], 1), np.float32)
-    return image
+        out[5] = float(rng.uniform(0, config.noise_std))
+    return np.asarray(out, np.float32)

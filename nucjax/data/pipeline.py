@@ -159,10 +159,12 @@ class _Prepare(grain.transforms.RandomMap):
 
     def from_parts(self, pixels: np.ndarray, levels: Levels, label: np.ndarray,
                    rng: np.random.Generator) -> dict[str, np.ndarray]:
-        """The training example: augment, then targets."""
-        image, label, valid = augment.augment(pixels, label, rng, self._data.augment, self._data.crop_size,
-                                              levels=levels)
-        out = {"image": image, "valid": valid, **_valid_targets(label, valid, self._names, self._targets)}
+        """The training example: geometric augmentation, the drawn intensity changes (made on the device by
+        `nucjax.intensity` in the train step), targets."""
+        image, label, valid, intensity = augment.augment(pixels, label, rng, self._data.augment,
+                                                         self._data.crop_size, levels=levels)
+        out = {"image": image, "valid": valid, "intensity": intensity,
+               **_valid_targets(label, valid, self._names, self._targets)}
         if self._compact:
             out.update({k: out[k].astype(np.uint8) for k in COMPACT_DTYPES if k in out})
         return out
@@ -249,8 +251,9 @@ def _batch_size(config: Any, shard_count: int) -> int:
 
 
 class _Batch(grain.transforms.Map):
-    """Batch j of one process: its slots p = 0..B-1 hold global positions (j * B + p) * shard_count + shard_index
-    of `sampler`'s endless shuffled order, each prepared with the sampler's rng for that position.
+    """Batch j of one process: its slots p = 0..B-1 hold global positions (j * shard_count + shard_index) * B + p
+    of `sampler`'s endless shuffled order, each prepared with the sampler's rng for that position: the processes'
+    parts, stacked in process order, are the global batch in position order.
 
     Each process (or grain worker) keeps the decoded pixels, levels and label of the records it reads, up to
     `cache_bytes` (first come, kept for the run; labels as uint16 when their ids fit): later epochs skip decoding
@@ -270,7 +273,7 @@ class _Batch(grain.transforms.Map):
     def map(self, j: int) -> dict[str, np.ndarray]:
         examples = []
         for p in range(self._batch):
-            record = self._sampler[(j * self._batch + p) * self._count + self._index]
+            record = self._sampler[(j * self._count + self._index) * self._batch + p]
             examples.append(self._prepare.from_parts(*self._parts(record.record_key), record.rng))
         return {key: np.stack([e[key] for e in examples]) for key in examples[0]}
 
@@ -329,11 +332,13 @@ def train_loader(
     shard_count: int | None = None,
     compact: bool = False,
 ) -> TrainBatches:
-    """This process's endless training batches {"image": f32[B, S, S, 3], "valid": f32[B, S, S], targets}.
+    """This process's endless training batches {"image": f32[B, S, S, 3], "valid": f32[B, S, S], "intensity":
+    f32[B, 6] (each image's intensity changes, which the train step makes: `nucjax.intensity`), targets}.
 
     B = train.batch_size / shard_count, S = data.crop_size. Records are shuffled over the whole source (seed, new
-    order each epoch; grain's IndexSampler) and global position i goes to shard i mod shard_count: process k's
-    batch j holds global positions j * batch_size + k, + shard_count, ..., each augmented with the sampler's rng
+    order each epoch; grain's IndexSampler); process k's batch j holds global positions j * batch_size + k * B, ...,
+    j * batch_size + (k + 1) * B - 1 (so row r of the assembled global batch is position r, which the device-side
+    augmentation relies on: its noise is drawn per row), each augmented with the sampler's rng
     for its position. So the sequence of global batches and their augmentations is the same whatever the number of
     shards and of grain workers (data.num_workers, which compute whole batches), and a run resumes at any step
     under any of them: `loader.iterate(step)`. Shards default to the JAX processes, seed to config.seed.
