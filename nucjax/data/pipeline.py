@@ -306,8 +306,8 @@ class TrainBatches:
 
     def iterate(self, start: int = 0) -> Iterator[dict[str, np.ndarray]]:
         """Batches start, start + 1, ...; with data.num_workers > 0 computed by that many processes (worker w
-        computes batches w, w + workers, ...; they come back in order). Workers ignore SIGINT/SIGTERM: the process
-        iterating decides when to stop them (it does by dropping the iterator, or exiting)."""
+        computes batches w, w + workers, ...; they come back in order), else by one thread ahead of the caller.
+        Workers ignore SIGINT/SIGTERM: the process iterating stops them, with the iterator's `close()`."""
         if start < 0:
             raise ValueError(f"TrainBatches.iterate: start must be >= 0, got {start}")
         dataset = self._batches[start:].to_iter_dataset(grain.ReadOptions(num_threads=1, prefetch_buffer_size=1))
