@@ -103,9 +103,7 @@ def step_images_per_second(config, batch: dict, steps: int) -> float:
     abstract = jax.eval_shape(functools.partial(train.create_train_state, config, module, tx))
     state_sharding = jax.tree.map(lambda _: parallel.replicated(mesh), abstract)
     state = jax.jit(functools.partial(train.create_train_state, config, module, tx), out_shardings=state_sharding)()
-    step = jax.jit(functools.partial(train.train_step, module=module, tx=tx, variant=variant, config=config),
-                   in_shardings=(state_sharding, parallel.data_sharded(mesh)),
-                   out_shardings=(state_sharding, parallel.replicated(mesh)), donate_argnums=0)
+    step = train.jit_train_step(config, variant, module, tx, mesh, state_sharding)
     device_batch = parallel.put_batch(batch, mesh)
     state, metrics = step(state, device_batch)  # compilation
     jax.block_until_ready(metrics)

@@ -106,6 +106,17 @@ def train_step(state: TrainState, batch: Mapping[str, jax.Array], *, module: Any
     return state.replace(step=state.step + 1, params=params, opt_state=opt_state, batch_stats=batch_stats), metrics
 
 
+def jit_train_step(config: ml_collections.ConfigDict, variant: variants.Variant, module: Any,
+                   tx: optax.GradientTransformation, mesh: Any, state_sharding: Any) -> Any:
+    """`train_step` jitted over `mesh`: state with `state_sharding` (donated), batch sharded, metrics replicated."""
+    return jax.jit(
+        functools.partial(train_step, module=module, tx=tx, variant=variant, config=config),
+        in_shardings=(state_sharding, parallel.data_sharded(mesh)),
+        out_shardings=(state_sharding, parallel.replicated(mesh)),
+        donate_argnums=0,
+    )
+
+
 def model_cost(variant: variants.Variant, module: Any, variables: Any, config: ml_collections.ConfigDict,
                size: int) -> tuple[int, float]:
     """(parameter count, forward FLOPs per image at size×size from XLA's cost analysis)."""
@@ -205,12 +216,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
     log.write({"step": start, "event": "start", "params": n_params, "gflops_per_image": flops / 1e9,
                "devices": jax.device_count(), "processes": jax.process_count(), "platform": jax.devices()[0].platform})
 
-    step_fn = jax.jit(
-        functools.partial(train_step, module=module, tx=tx, variant=variant, config=config),
-        in_shardings=(state_sharding, parallel.data_sharded(mesh)),
-        out_shardings=(state_sharding, parallel.replicated(mesh)),
-        donate_argnums=0,
-    )
+    step_fn = jit_train_step(config, variant, module, tx, mesh, state_sharding)
 
     predictor = Predictor(config, state.variables()) if eval_source is not None else None
     learning_rate = create_learning_rate_fn(config)
