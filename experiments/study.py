@@ -343,15 +343,17 @@ def _final_checkpoint_exists(workdir: pathlib.Path, steps: int) -> bool:
 def execute(run: Run, budget_name: str, budget: ml_collections.ConfigDict, rows: list[dict],
             context: Mapping[str, Any]) -> dict | None:
     """Trains (or resumes) the run unless its final checkpoint exists, then tunes, evaluates and measures it; None
-    when the run was already finished (final checkpoint and results row)."""
+    when the run is finished: the results file has its row (same run, same overrides), wherever it was trained. The
+    row alone is the record, so a study can go on on another machine with only the results file carried over."""
     from nucjax import checkpoint, data, train
     from nucjax.inference import tune_postprocess
 
     config = run_config(run)
     workdir = run.workdir.resolve()
     done = _final_checkpoint_exists(workdir, config.train.steps)
-    if done and any(_same_run(r, run) and r.get("workdir") == str(workdir) for r in rows):
-        _say(f"{run.method} seed {run.seed}: finished ({workdir}), skipped")
+    if finished(rows, run):
+        where = "" if done else "; its checkpoints are not here (trained elsewhere, or removed)"
+        _say(f"{run.method} seed {run.seed}: finished (its row is in the results file{where}), skipped")
         return None
     notes_file = _workdir_file(workdir)
     if not done:
@@ -436,6 +438,17 @@ def _identity(run: Run, budget_name: str, budget: ml_collections.ConfigDict, con
 
 def _same_run(row: Mapping, run: Run) -> bool:
     return (row.get("experiment"), row.get("method"), row.get("seed")) == (run.experiment, run.method, run.seed)
+
+
+def _settings(overrides: Sequence[str]) -> dict[str, str]:
+    """KEY=VALUE overrides as the settings they leave (the last of a key wins), without where the data lies."""
+    pairs = (o.split("=", 1) for o in overrides)
+    return {k: v for k, v in pairs if k not in ("data.data_dir", "data.manual_dir")}
+
+
+def finished(rows: Sequence[Mapping], run: Run) -> bool:
+    """Whether `rows` hold `run`'s result: the same run with the same settings (a changed one runs it again)."""
+    return any(_same_run(r, run) and _settings(r.get("overrides", ())) == _settings(run.overrides) for r in rows)
 
 
 # ---- results files ----
@@ -624,7 +637,7 @@ def write_tables(rows: Sequence[Mapping], stem: pathlib.Path, *, title: str, bas
 def crowded_crops(rows: Sequence[Mapping], budget: ml_collections.ConfigDict,
                   config: ml_collections.ConfigDict) -> list[dict]:
     """Crops of the held-apart images with the most touching pairs, centred where touching nuclei are densest,
-    with each method's prediction (a learned method: its lowest seed's run)."""
+    with each method's prediction (a learned method: its lowest seed's run whose checkpoints are here)."""
     from scipy import ndimage
 
     from nucjax import checkpoint, classical, data, separation
@@ -639,7 +652,7 @@ def crowded_crops(rows: Sequence[Mapping], budget: ml_collections.ConfigDict,
         if row["kind"] == "classical":
             predictors[row["method"]] = (lambda name, params: lambda im: classical.segment(name, im, params))(
                 row["variant"], row["postprocess"]["params"])
-        elif pathlib.Path(row["workdir"]).is_dir():
+        elif (pathlib.Path(row["workdir"]) / checkpoint.CHECKPOINT_DIR).is_dir():  # not when trained elsewhere
             predictors[row["method"]] = checkpoint.load(row["workdir"], "best").predict
     crops = []
     for i in chosen:

@@ -4,6 +4,7 @@ log, budget checks, and the runner end to end on tiny synthetic runs (rows, skip
 import json
 import math
 import pathlib
+import shutil
 
 import numpy as np
 import pytest
@@ -162,10 +163,12 @@ def test_study_end_to_end_writes_rows_tables_figures_and_skips_finished_runs(tmp
     assert pngs == [f"tiny-{n}.png" for n in ("accuracy_vs_cost", "accuracy_vs_iou", "crowded_crops", "error_types",
                                              "validation_vs_time")]
 
-    # Second sitting: unet_mask is finished and skipped; unet_boundary lost its row, so it is evaluated again
-    # from its final checkpoint without training.
+    # Second sitting: unet_mask is finished and skipped, even without its checkpoints (as when only the results
+    # file was carried to another machine); unet_boundary lost its row, so it is evaluated again from its final
+    # checkpoint without training.
     logs = {r["method"]: (work / f"{r['method']}-s0" / "metrics.jsonl").read_text() for r in rows[:2]}
     kept = [r for r in rows if r["method"] != "unet_boundary"]
+    shutil.rmtree(work / "unet_mask-s0" / "checkpoints")
     (results / "tiny.jsonl").write_text("".join(json.dumps(r) + "\n" for r in kept))
     assert study.main(argv) == 0
     again = study.read_rows(results / "tiny.jsonl")
@@ -191,6 +194,21 @@ def test_runs_carry_the_budget_the_chosen_stain_setting_and_their_seed(tmp_path)
     colour, augmented = by_name["colour"], by_name["colour_augment"]
     assert not colour.data.grey and colour.data.augment.invert_prob == 0.0
     assert augmented.data.augment.invert_prob == 0.5 and augmented.variant == budget.stain.variant
+
+
+def test_a_run_is_finished_when_the_results_hold_its_row_with_the_same_overrides(tmp_path):
+    _, budget = study.load_budget("cpu")
+    args = study.parse_args(["--budget", "cpu", "--workdir", str(tmp_path)])
+    mask0, boundary0, mask1, _ = study.plan(budget, args, ["unet_mask", "unet_boundary"], [0, 1])
+    row = {"experiment": "main", "method": "unet_mask", "seed": 0, "overrides": list(mask0.overrides),
+           "workdir": "/elsewhere/unet_mask-s0"}
+    assert study.finished([row], mask0)
+    assert not study.finished([row], boundary0) and not study.finished([row], mask1)
+    assert not study.finished([{**row, "overrides": list(mask0.overrides) + ["train.steps=7"]}], mask0)
+    # The same settings in another order, or with the data elsewhere, are the same run.
+    moved = list(reversed(mask0.overrides)) + ["data.data_dir=/elsewhere", "data.manual_dir=/raw"]
+    assert study.finished([{**row, "overrides": moved}], mask0)
+    assert not study.finished([{**row, "experiment": "stain"}], mask0) and not study.finished([], mask0)
 
 
 def test_command_line_overrides_come_after_the_budget_and_before_the_seed(tmp_path):
