@@ -1,19 +1,22 @@
 #!/usr/bin/env bash
-# Every GPU figure of the issues in a few calls on a lent GPU machine (see docs/scaling.md):
+# Every GPU figure of the issues in a few calls on a lent GPU machine (see docs/scaling.md). A session is lent
+# ~15 minutes of device time, start included: run `bench`, then `bench-more`, and the study in later sessions.
 #   bash benchmarks/gpu.sh bench OUT        U-Net train step vs PyTorch (bf16) with a jax.profiler trace, tiled
-#                                           prediction
-#   bash benchmarks/gpu.sh bench-more OUT   Mask R-CNN vs torchvision, the float32 U-Net step
-#   bash benchmarks/gpu.sh input OUT        the input pipeline on the 16 cores (synthetic; DSB2018 with and
-#                                           without the decoded-example cache)
-#   bash benchmarks/gpu.sh study OUT [S]    the `gpu` study budget, three seeds side by side, stopped (SIGTERM,
-#                                           checkpoint saved) after S seconds; run it again to go on
+#                                           prediction, the input pipeline against the step on DSB2018 (~8 min)
+#   bash benchmarks/gpu.sh bench-more OUT   Mask R-CNN vs torchvision, the float32 U-Net step, the input pipeline
+#                                           on synthetic images and without the decoded-example cache
+#   bash benchmarks/gpu.sh study OUT [S]    the `gpu` study budget, three seeds side by side, stopped (SIGTERM)
+#                                           after S seconds; VARIANTS=a,b limits it to some variants
 #   bash benchmarks/gpu.sh study-fp32 OUT [S]  unet_boundary x 3 seeds of the same budget in float32 (does bf16
 #                                           change the results beyond seed noise?), in runs/gpu-fp32
-# Each stage fits one 10-minute call. Run from the repository root. Missing Python packages travel as wheels in
-# .whl/ (installed to /tmp/site), the prepared DSB2018 (holdout_fraction=0.1, 45 MiB) in .gpudata/ (copy
-# ~/.cache/nucjax/datasets/dsb2018/holdout_fraction=0.1 and .config there). Results go to OUT (default $OUT).
+# A study goes on across sessions: copy OUT's results/ back to runs/gpu/results (runs/gpu-fp32/results) and carry
+# that path in the next session; runs whose rows are there are skipped (checkpoints do not travel: a run stopped
+# half-way starts again). Each stage fits one 10-minute call. Run from the repository root. Missing Python packages
+# travel as wheels in .whl/ (installed to /tmp/site), the prepared DSB2018 (holdout_fraction=0.1, 45 MiB) in
+# .gpudata/ (copy ~/.cache/nucjax/datasets/dsb2018/holdout_fraction=0.1 and .config there). Results go to OUT
+# (default $OUT).
 set -u
-stage=${1:?usage: gpu.sh bench|bench-more|input|study|study-fp32 OUT [seconds]}
+stage=${1:?usage: gpu.sh bench|bench-more|study|study-fp32 OUT [seconds]}
 out=${2:-${OUT:?give OUT}}
 limit=${3:-420}
 mkdir -p "$out"
@@ -31,39 +34,43 @@ if [ "$stage" = bench ]; then
     python3 -c "import jax, flax, optax, orbax.checkpoint as ocp, grain, torch, torchvision; print('jax', jax.__version__, jax.devices(), 'flax', flax.__version__, 'optax', optax.__version__, 'torch', torch.__version__, 'torchvision', torchvision.__version__)"
   } 2>&1 | tee "$out/machine.txt"
   # H100 SXM dense peaks: 989 TFLOP/s bf16, 495 TF32 (XLA and PyTorch use TF32 for float32 convolutions by default)
-  timeout 240 python3 benchmarks/bench_train.py --device gpu --precision bfloat16 --batch 128 --steps 20 --rounds 3 \
-    --upsample dense,transpose --torch channels_last --compile --peak-tflops 989 --profile /tmp/nucjax-trace \
+  # upsample=transpose was measured on 2026-11-25 (2,344 images/s, 0.78x dense) and is left out to save time.
+  timeout 200 python3 benchmarks/bench_train.py --device gpu --precision bfloat16 --batch 128 --steps 20 --rounds 3 \
+    --upsample dense --torch channels_last --compile --peak-tflops 989 --profile /tmp/nucjax-trace \
     2>&1 | tee "$out/bench_train_bf16.txt"
-  timeout 200 python3 benchmarks/bench_predict.py --config configs/unet_boundary.py \
+  timeout 120 python3 benchmarks/bench_predict.py --config configs/unet_boundary.py \
     --override model.base_width=32 precision=bfloat16 predict.tile_size=1024 predict.tile_batch=8 --sizes 1024,4096 \
     2>&1 | tee "$out/bench_predict.txt"
-elif [ "$stage" = input ]; then
-  timeout 150 python3 benchmarks/bench_input.py --source synthetic --size 256 320 --images 96 --batch 128 --crop 256 \
-    --workers 0,15 --sets boundary,3-class --batches 6 2>&1 | tee "$out/bench_input.txt"
-  # The issue's ratio: the pipeline's images/s over the bf16 base-32 unet_boundary step's, on DSB2018.
-  timeout 250 python3 benchmarks/bench_input.py --source dsb2018 --step configs/unet_boundary.py \
-    --override model.base_width=32 precision=bfloat16 --batch 128 --crop 256 --workers 0,15 --warmup 20 \
-    --batches 10 2>&1 | tee "$out/bench_input_dsb.txt"
-  timeout 150 python3 benchmarks/bench_input.py --source dsb2018 --batch 128 --crop 256 --workers 0,15 \
-    --sets boundary --compact --warmup 20 --batches 10 --cache-mb 0 2>&1 | tee -a "$out/bench_input_dsb.txt"
+  # The issue's ratio: the pipeline's images/s over the bf16 base-32 unet_boundary step's, on DSB2018, in the steady
+  # state of training: each of the 15 workers keeps its own decoded-example cache, which is ~90% full after ~10
+  # batches of 128 per worker (534 training images), hence 150 warm-up batches.
+  timeout 160 python3 benchmarks/bench_input.py --source dsb2018 --step configs/unet_boundary.py \
+    --override model.base_width=32 precision=bfloat16 --batch 128 --crop 256 --workers 15 --warmup 150 \
+    --batches 30 2>&1 | tee "$out/bench_input_dsb.txt"
 elif [ "$stage" = bench-more ]; then
-  timeout 300 python3 benchmarks/bench_maskrcnn.py --depth 50 --size 256 --batch 8 --instances 32 --steps 10 \
+  timeout 280 python3 benchmarks/bench_maskrcnn.py --depth 50 --size 256 --batch 8 --instances 32 --steps 10 \
     --precision bfloat16 2>&1 | tee "$out/bench_maskrcnn.txt"
-  timeout 150 python3 benchmarks/bench_train.py --device gpu --precision float32 --batch 128 --steps 10 --rounds 2 \
+  timeout 130 python3 benchmarks/bench_train.py --device gpu --precision float32 --batch 128 --steps 10 --rounds 2 \
     --upsample dense --torch channels_last --peak-tflops 495 2>&1 | tee "$out/bench_train_fp32.txt"
+  timeout 80 python3 benchmarks/bench_input.py --source synthetic --size 256 320 --images 96 --batch 128 --crop 256 \
+    --workers 0,15 --sets boundary,3-class --batches 6 2>&1 | tee "$out/bench_input.txt"
+  timeout 80 python3 benchmarks/bench_input.py --source dsb2018 --batch 128 --crop 256 --workers 0,15 \
+    --sets boundary --compact --warmup 20 --batches 10 --cache-mb 0 2>&1 | tee -a "$out/bench_input_dsb.txt"
 elif [ "$stage" = study ]; then
   # One run is input-bound (augmentation on the CPU), so three seeds share the GPU, each with its own input workers
   # and a quarter of the GPU's memory; a fourth process adds the classical rows. All share one results file.
   export XLA_PYTHON_CLIENT_MEM_FRACTION=0.22
   common=(--budget gpu --workdir runs/gpu --results-dir runs/gpu/results --figures-dir runs/gpu/figures)
+  only=(${VARIANTS:+--variants "$VARIANTS"})
   timeout -s TERM "$limit" python3 -m experiments.study "${common[@]}" --gather > "$out/classical.log" 2>&1 &
   for s in 0 1 2; do
-    timeout -s TERM "$limit" python3 -m experiments.study "${common[@]}" --seeds $s --no-classical \
+    timeout -s TERM "$limit" python3 -m experiments.study "${common[@]}" "${only[@]}" --seeds $s --no-classical \
       > "$out/seed$s.log" 2>&1 &
   done
   wait
   tail -n 5 "$out"/seed*.log "$out/classical.log"
   timeout 100 python3 -m experiments.study "${common[@]}" --gather 2>&1 | tail -n 5
+  cp -r runs/gpu/results "$out/results"
   tar czf "$out/study.tgz" runs/gpu/results runs/gpu/figures runs/gpu/*/metrics.jsonl runs/gpu/*/config.json \
     runs/gpu/*/study.json 2>/dev/null
   ls -la "$out"
@@ -76,9 +83,10 @@ elif [ "$stage" = study-fp32 ]; then
   done
   wait
   tail -n 5 "$out"/fp32-seed*.log
+  cp -r runs/gpu-fp32/results "$out/results"
   tar czf "$out/study-fp32.tgz" runs/gpu-fp32/results runs/gpu-fp32/*/metrics.jsonl runs/gpu-fp32/*/study.json \
     2>/dev/null
 else
-  echo "unknown stage $stage (bench, bench-more, input, study or study-fp32)" >&2
+  echo "unknown stage $stage (bench, bench-more, study or study-fp32)" >&2
   exit 2
 fi
