@@ -77,13 +77,16 @@ def get_config() -> ml_collections.ConfigDict:
     config.train.best_metric = "dsb2018_score"
     config.train.eval_max_images = 0  # 0 = the whole validation split
 
+    # Every post-processor's parameters (nucjax.postprocess); each reads its own. `evaluate --tune` searches them.
     config.postprocess = ml_collections.ConfigDict()
-    config.postprocess.threshold = 0.5  # foreground probability
+    config.postprocess.threshold = 0.5  # foreground (a detector: mask) probability
     config.postprocess.boundary_threshold = 0.5
     config.postprocess.interior_threshold = 0.5
     config.postprocess.min_size = 15  # objects smaller than this (pixels) are removed
     config.postprocess.seed_min_size = 5
     config.postprocess.fill_holes = True
+    config.postprocess.min_score = 0.0  # detectors: detections scoring below are dropped (beyond model.score_threshold)
+    config.postprocess.min_visible = 0.0  # detectors: one left with less than this part of its mask is dropped
 
     config.predict = ml_collections.ConfigDict()
     config.predict.tile_size = 512

@@ -10,6 +10,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from nucjax import postprocess as postprocess_lib
 from nucjax import variants
 from nucjax.data.pipeline import normalize_image
 
@@ -63,7 +64,8 @@ class Predictor:
         self.variables = variables
         self.step = step
         self.workdir = workdir
-        self.postprocess_params = config.postprocess.to_dict()
+        # The defaults first: a checkpoint of an older version may lack a post-processor's newer parameters.
+        self.postprocess_params = {**postprocess_lib.DEFAULT_PARAMS, **config.postprocess.to_dict()}
         if postprocess:
             self.postprocess_params.update(postprocess)
         self.stride = 2 ** int(config.model.get("depth", 5))
@@ -213,7 +215,8 @@ def tune_postprocess(predictor: Predictor, source: Any, *, limit: int = 0, grid:
         raise ValueError(f"variant {predictor.variant.name!r} has no tunable post-processing")
     n = len(source) if not limit else min(limit, len(source))
     examples = [source[i] for i in range(n)]
-    maps = [predictor.predict_outputs(ex["image"])["maps"] for ex in examples]
+    outputs = (predictor.predict_outputs(ex["image"]) for ex in examples)
+    maps = [out["maps"] if predictor.variant.dense else out for out in outputs]  # a detector's: its detections
     gts = [np.asarray(ex["label"]) for ex in examples]
     params, score = postprocess.tune(name, maps, gts, grid=grid, base_params=predictor.postprocess_params,
                                      max_exhaustive=max_exhaustive, progress=progress)

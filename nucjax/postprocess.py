@@ -1,4 +1,5 @@
-"""Network probability maps -> instance label images (components, marker watershed, 3-class), and their tuning.
+"""Network outputs -> instance label images, and their tuning: probability maps (components, marker watershed,
+3-class) and Mask R-CNN's detections (masks pasted into the image).
 
 NumPy in, NumPy out (scikit-image and SciPy); objects are 4-connected everywhere (labelling and watershed).
 """
@@ -30,17 +31,21 @@ DEFAULT_PARAMS: dict[str, Any] = {
     "min_size": 15,
     "seed_min_size": 5,
     "fill_holes": True,
+    "min_score": 0.0,
+    "min_visible": 0.0,
 }
 
-_THRESHOLDS = ("threshold", "boundary_threshold", "interior_threshold")
+_THRESHOLDS = ("threshold", "boundary_threshold", "interior_threshold", "min_score", "min_visible")
+DETECTION_KEYS = ("boxes", "scores", "masks", "valid", "size")  # the per-image outputs of a detector
 _SIZES = ("min_size", "seed_min_size")
 
 
 @dataclasses.dataclass(frozen=True)
 class _Spec:
-    """How a post-processor is run: `segment` gives the objects before small-object removal."""
+    """How a post-processor is run: `segment` gives the objects before small-object removal; its input is maps
+    float[H, W, channels], or a detector's outputs (DETECTION_KEYS) when channels is None."""
 
-    channels: int
+    channels: int | None
     keys: tuple[str, ...]
     segment: Callable[[np.ndarray, dict[str, Any]], np.ndarray]
     grid: dict[str, list]
@@ -49,16 +54,17 @@ class _Spec:
 _SPECS: dict[str, _Spec] = {}
 
 
-def register(name: str, channels: int, keys: tuple[str, ...], grid: dict[str, list]) -> Callable:
+def register(name: str, channels: int | None, keys: tuple[str, ...], grid: dict[str, list]) -> Callable:
     """Registers `segment(maps, params) -> int32[H, W]`, checked and followed by min_size removal and contiguous
-    ids, as POSTPROCESSORS[name] (the decorated name becomes that function)."""
+    ids, as POSTPROCESSORS[name] (the decorated name becomes that function). channels=None: its input is a
+    detector's outputs for one image (a mapping with DETECTION_KEYS) instead of maps."""
 
-    def decorate(segment: Callable[[np.ndarray, dict[str, Any]], np.ndarray]) -> Callable:
+    def decorate(segment: Callable[[Any, dict[str, Any]], np.ndarray]) -> Callable:
         spec = _Spec(channels, keys, segment, grid)
 
-        def postprocess(maps: np.ndarray, params: Params) -> np.ndarray:
+        def postprocess(maps: Any, params: Params) -> np.ndarray:
             p = _read_params(name, spec, params)
-            return _finish(segment(_check_maps(name, spec, maps), p), p["min_size"])
+            return _finish(segment(_check_input(name, spec, maps)[0], p), p["min_size"])
 
         postprocess.__name__ = name
         postprocess.__doc__ = segment.__doc__
@@ -132,6 +138,28 @@ def three_class(maps: np.ndarray, params: dict[str, Any]) -> np.ndarray:
     return _grow(seeds, boundary, mask, params["fill_holes"])
 
 
+@register(
+    "detections",
+    channels=None,
+    keys=("threshold", "min_score", "min_visible", "min_size"),
+    grid={
+        "threshold": _THRESHOLD_GRID,
+        "min_score": [0.0, 0.6, 0.7, 0.8, 0.9],  # 0: what the detector kept (its own model.score_threshold)
+        "min_visible": [0.0, 0.25, 0.5, 0.75],
+        "min_size": _MIN_SIZE_GRID,
+    },
+)
+def detections(outputs: Mapping[str, np.ndarray], params: dict[str, Any]) -> np.ndarray:
+    """A detector's outputs for one image (boxes, scores, masks, valid, size) -> int32[H, W]: masks thresholded
+    and pasted best first; detections below min_score, or left with less than min_visible of their mask, dropped."""
+    from nucjax.models.maskrcnn.inference import paste_masks  # NumPy code; the import brings JAX with it
+
+    height, width = (int(v) for v in np.asarray(outputs["size"]))
+    return paste_masks(outputs["boxes"], outputs["scores"], outputs["masks"], outputs["valid"], height, width,
+                       mask_threshold=params["threshold"], min_score=params["min_score"],
+                       min_visible=params["min_visible"])
+
+
 def tune(
     name: str,
     maps_list: Sequence[np.ndarray],
@@ -144,9 +172,9 @@ def tune(
 ) -> tuple[dict[str, Any], float]:
     """Best parameters of post-processor `name` for the mean dsb2018_score of its labels on (maps_list, gts).
 
-    maps_list[i]: float[H, W, C] probabilities, gts[i]: int32[H, W]. `grid` (default `search_space(name)`) maps
-    parameters to candidates; the others come from `base_params` (default DEFAULT_PARAMS). Every combination is
-    tried when there are at most `max_exhaustive` (ties keep the earlier one), otherwise coordinate ascent: from
+    maps_list[i]: float[H, W, C] probabilities (for `detections`: a detector's outputs), gts[i]: int32[H, W].
+    `grid` (default `search_space(name)`) maps parameters to candidates; the others come from `base_params`
+    (default DEFAULT_PARAMS). Every combination is tried when there are at most `max_exhaustive` (ties keep the earlier one), otherwise coordinate ascent: from
     the base values (the middle candidate where the base value is not one), each parameter is swept in turn, the
     others fixed, until a full sweep improves nothing (ties keep the current value).
     Returns (base_params updated with the best values, best score).
@@ -166,10 +194,11 @@ def tune(
     missing = [key for key in spec.keys if key not in grid and key not in base]
     if missing:
         raise ValueError(f"tune {name!r}: parameter {missing[0]!r} is neither in the grid nor in base_params")
-    maps_list = [_check_maps(name, spec, maps, index=i) for i, maps in enumerate(maps_list)]
-    for i, (maps, gt) in enumerate(zip(maps_list, gts)):
-        if np.shape(gt) != maps.shape[:2]:
-            raise ValueError(f"tune {name!r}: image {i}: ground truth shape {np.shape(gt)} != maps shape {maps.shape}")
+    checked = [_check_input(name, spec, maps, index=i) for i, maps in enumerate(maps_list)]
+    maps_list = [maps for maps, _ in checked]
+    for i, ((_, shape), gt) in enumerate(zip(checked, gts)):
+        if np.shape(gt) != shape:
+            raise ValueError(f"tune {name!r}: image {i}: ground truth shape {np.shape(gt)} != output shape {shape}")
     start = {key: base[key] for key in spec.keys if key not in grid}
     for key, values in grid.items():
         start[key] = base[key] if base.get(key) in values else values[len(values) // 2]
@@ -261,15 +290,24 @@ def _read_params(name: str, spec: _Spec, params: Params) -> dict[str, Any]:
     return out
 
 
-def _check_maps(name: str, spec: _Spec, maps: np.ndarray, index: int | None = None) -> np.ndarray:
-    """maps as a float NumPy array of shape [H, W, spec.channels], else a ValueError naming `name`."""
-    maps = np.asarray(maps)
+def _check_input(name: str, spec: _Spec, maps: Any, index: int | None = None) -> tuple[Any, tuple[int, int]]:
+    """(input, its image's (H, W)): maps as a float NumPy array of shape [H, W, spec.channels], or a detector's
+    outputs; else a ValueError naming `name`."""
     where = f"post-processor {name!r}" + ("" if index is None else f", image {index}")
+    if spec.channels is None:
+        missing = [k for k in DETECTION_KEYS if not isinstance(maps, Mapping) or k not in maps]
+        if missing:
+            raise ValueError(f"{where}: expects a detector's outputs with keys {DETECTION_KEYS}, missing {missing}")
+        size = np.asarray(maps["size"])
+        if size.shape != (2,) or not np.issubdtype(size.dtype, np.integer) or size.min() < 1:
+            raise ValueError(f"{where}: 'size' must be the image's (height, width), got {size.tolist()}")
+        return maps, (int(size[0]), int(size[1]))
+    maps = np.asarray(maps)
     if maps.ndim != 3 or maps.shape[-1] != spec.channels:
         raise ValueError(f"{where}: expects maps of shape [H, W, {spec.channels}], got {maps.shape}")
     if not np.issubdtype(maps.dtype, np.floating):
         raise ValueError(f"{where}: expects float probabilities, got dtype {maps.dtype}")
-    return maps
+    return maps, maps.shape[:2]
 
 
 def _label(mask: np.ndarray) -> np.ndarray:

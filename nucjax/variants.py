@@ -129,7 +129,10 @@ def _with_weight_map(names: tuple[str, ...]) -> Callable[[ml_collections.ConfigD
     return lambda config: names + (("weight_map",) if config.loss.use_weight_map else ())
 
 
-def _postprocessor(name: str) -> Callable[[Mapping[str, np.ndarray], Mapping[str, Any]], np.ndarray]:
+def _postprocessor(name: str, dense: bool = True) -> Callable[[Mapping[str, np.ndarray], Mapping[str, Any]], np.ndarray]:
+    """to_instances by `nucjax.postprocess` entry `name`, on the maps (dense) or on all of a detector's outputs."""
+    if not dense:
+        return lambda outputs, params: postprocess.POSTPROCESSORS[name](outputs, params)
     return lambda outputs, params: postprocess.POSTPROCESSORS[name](np.asarray(outputs["maps"], np.float32), params)
 
 
@@ -175,21 +178,13 @@ def _maskrcnn_apply(module, variables, images, config):
     return maskrcnn.detect(module, variables, images, config)
 
 
-def _maskrcnn_instances(outputs: Mapping[str, np.ndarray], params: Mapping[str, Any]) -> np.ndarray:
-    """Pastes the detections of one image into a label image; `params["threshold"]` binarises the mask probabilities."""
-    from nucjax.models import maskrcnn
-
-    height, width = (int(v) for v in outputs["size"])
-    return maskrcnn.paste_masks(outputs["boxes"], outputs["scores"], outputs["masks"], outputs["valid"],
-                                height, width, mask_threshold=params["threshold"])
-
-
 register(Variant(
     name="maskrcnn",
     model=_maskrcnn_model,
     target_names=lambda config: ("instances",),
     loss=_maskrcnn_loss,
     apply=_maskrcnn_apply,
-    to_instances=_maskrcnn_instances,
+    to_instances=_postprocessor("detections", dense=False),  # masks pasted into one label image
     dense=False,
+    postprocess_name="detections",
 ))

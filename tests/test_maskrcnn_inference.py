@@ -71,3 +71,39 @@ def test_paste_masks_matches_per_pixel_reference():
 def test_paste_masks_rejects_mismatched_shapes():
     with pytest.raises(ValueError, match="paste_masks"):
         paste_masks(np.zeros((3, 4)), np.zeros(2), np.zeros((3, 5, 5)), np.ones(3, bool), 8, 8)
+
+
+def test_min_score_drops_detections_and_ids_stay_contiguous():
+    boxes = np.array([[0, 0, 4, 4], [0, 6, 4, 10], [6, 0, 10, 4]], np.float32)
+    scores = np.array([0.9, 0.55, 0.7], np.float32)
+    label = paste_masks(boxes, scores, np.ones((3, 4, 4), np.float32), np.ones(3, bool), 12, 12, min_score=0.6)
+    expected = np.zeros((12, 12), np.int32)
+    expected[0:4, 0:4] = 1
+    expected[6:10, 0:4] = 2  # score 0.7; the 0.55 one is gone
+    np.testing.assert_array_equal(label, expected)
+
+
+def test_min_visible_drops_the_sliver_of_a_duplicate_and_frees_its_pixels():
+    # A: 8x8 at the origin (best). B: its duplicate shifted by 2 columns: 16 of its 64 pixels are left (1/4).
+    # C: the worst, overlapping only B's free strip and beyond it.
+    boxes = np.array([[0, 0, 8, 8], [0, 2, 8, 10], [0, 8, 8, 12]], np.float32)
+    scores = np.array([0.9, 0.8, 0.6], np.float32)
+    masks, valid = np.ones((3, 4, 4), np.float32), np.ones(3, bool)
+    kept = paste_masks(boxes, scores, masks, valid, 8, 14, min_visible=0.25)  # 16 >= 0.25 * 64: B stays
+    expected = np.zeros((8, 14), np.int32)
+    expected[:, 0:8], expected[:, 8:10], expected[:, 10:12] = 1, 2, 3
+    np.testing.assert_array_equal(kept, expected)
+    dropped = paste_masks(boxes, scores, masks, valid, 8, 14, min_visible=0.3)  # 16 < 0.3 * 64: B goes, C takes
+    expected[:, 8:12] = 2  # its strip, and C is the second id
+    np.testing.assert_array_equal(dropped, expected)
+
+
+def test_paste_masks_without_min_visible_matches_the_reference_for_any_order_of_scores():
+    rng = np.random.default_rng(3)
+    start = rng.uniform(0, 20, (12, 2))
+    boxes = np.concatenate([start, start + rng.uniform(4, 12, (12, 2))], axis=1).astype(np.float32)
+    scores = rng.random(12).astype(np.float32)
+    masks = rng.random((12, 5, 5)).astype(np.float32)
+    valid = np.ones(12, bool)
+    np.testing.assert_array_equal(paste_masks(boxes, scores, masks, valid, 30, 30, min_visible=0.0),
+                                  _paste_reference(boxes, scores, masks, valid, 30, 30, 0.5))

@@ -3,7 +3,7 @@
 import numpy as np
 import tifffile
 
-from nucjax import checkpoint, evaluate, predict, train
+from nucjax import checkpoint, evaluate, postprocess, predict, train
 from nucjax.data import io, synthetic
 from tests.conftest import REPO
 
@@ -33,6 +33,14 @@ def test_maskrcnn_trains_evaluates_and_predicts_through_the_clis(tmp_path, data_
 
     assert evaluate.main(["--checkpoint", str(workdir), "--split", "validation", "--json", str(tmp_path / "v.json")]) == 0
     assert "DSB2018 score" in capsys.readouterr().out
+    # --tune searches the detection post-processing on the validation split and stores it beside the checkpoint.
+    assert evaluate.main(["--checkpoint", str(workdir), "--split", "validation", "--tune"]) == 0
+    tuned = checkpoint.load(workdir).postprocess_params
+    grid = postprocess.search_space("detections")
+    assert set(grid) == {"threshold", "min_score", "min_visible", "min_size"}
+    assert all(tuned[key] in values for key, values in grid.items())
+    assert checkpoint.read_postprocess(workdir, 2) is not None
+    labels = checkpoint.load(workdir).predict(image)  # what predict writes below, with the tuned parameters
 
     inputs = tmp_path / "inputs"
     inputs.mkdir()

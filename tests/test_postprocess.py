@@ -230,7 +230,8 @@ def test_bad_values_are_rejected():
 
 def test_search_space_covers_each_postprocessors_thresholds():
     for name, extra in [("components", set()), ("boundary_watershed", {"boundary_threshold", "seed_min_size"}),
-                        ("three_class", {"interior_threshold", "seed_min_size"})]:
+                        ("three_class", {"interior_threshold", "seed_min_size"}),
+                        ("detections", {"min_score", "min_visible"})]:
         grid = postprocess.search_space(name)
         assert set(grid) == {"threshold", "min_size"} | extra
         assert min(grid["threshold"]) <= 0.3 and max(grid["threshold"]) >= 0.7
@@ -316,3 +317,60 @@ def test_tune_tries_every_combination_of_a_small_grid_only(monkeypatch, max_exha
     params, _ = postprocess.tune("components", [maps], [gt], grid, max_exhaustive=max_exhaustive, progress=False)
     assert (params["threshold"], params["min_size"]) == (0.6, 10)
     assert len(calls) == evaluations
+
+
+# ---- a detector's outputs ----
+
+
+def duplicate_detections_case():
+    """One nucleus (an 8x8 square) found twice: the best box on it, a worse duplicate shifted by 2 columns whose
+    visible part (a 2-column sliver) is an extra object unless min_visible drops it; and a third, low-scoring box
+    on background. Masks 4x4 of ones; the ground truth is the square."""
+    outputs = {
+        "boxes": np.array([[4, 4, 12, 12], [4, 6, 12, 14], [20, 20, 26, 26], [0, 0, 0, 0]], np.float32),
+        "scores": np.array([0.95, 0.8, 0.55, 0.0], np.float32),
+        "masks": np.ones((4, 4, 4), np.float32),
+        "valid": np.array([True, True, True, False]),
+        "size": np.array([32, 32]),
+    }
+    gt = np.zeros((32, 32), np.int32)
+    gt[4:12, 4:12] = 1
+    return outputs, gt
+
+
+def test_detections_pastes_with_the_detection_parameters():
+    outputs, gt = duplicate_detections_case()
+    params = {"threshold": 0.5, "min_score": 0.0, "min_visible": 0.0, "min_size": 0}
+    labels = POSTPROCESSORS["detections"](outputs, params)
+    expected = gt.copy()
+    expected[4:12, 12:14] = 2  # the duplicate's sliver
+    expected[20:26, 20:26] = 3
+    np.testing.assert_array_equal(labels, expected)
+    np.testing.assert_array_equal(POSTPROCESSORS["detections"](outputs, {**params, "min_visible": 0.5, "min_score": 0.6}),
+                                  gt)
+    # min_size removes the 16-pixel sliver and renumbers: the background box becomes 2.
+    np.testing.assert_array_equal(POSTPROCESSORS["detections"](outputs, {**params, "min_size": 20}),
+                                  np.where(expected == 3, 2, np.where(expected == 2, 0, expected)))
+
+
+def test_tune_on_detections_drops_the_duplicate_and_the_background_box():
+    outputs, gt = duplicate_detections_case()
+    grid = {"min_score": [0.0, 0.6], "min_visible": [0.0, 0.5]}
+    base = {**postprocess.DEFAULT_PARAMS, "min_size": 0}
+    params, score = postprocess.tune("detections", [outputs], [gt], grid, base, progress=False)
+    assert (params["min_score"], params["min_visible"]) == (0.6, 0.5) and score == 1.0
+    # Without them: 1 match and 2 extra objects at every IoU threshold.
+    _, untuned = postprocess.tune("detections", [outputs], [gt], {"min_score": [0.0]}, base, progress=False)
+    assert untuned == pytest.approx(1 / 3)
+
+
+def test_detections_input_errors_name_the_postprocessor_and_key():
+    outputs, gt = duplicate_detections_case()
+    with pytest.raises(ValueError, match="'detections'.*missing.*'size'"):
+        POSTPROCESSORS["detections"]({k: v for k, v in outputs.items() if k != "size"}, postprocess.DEFAULT_PARAMS)
+    with pytest.raises(ValueError, match="'detections', image 0.*size"):
+        postprocess.tune("detections", [{**outputs, "size": np.array([32.0, 32.0])}], [gt])
+    with pytest.raises(ValueError, match="ground truth shape"):
+        postprocess.tune("detections", [outputs], [gt[:16]])
+    with pytest.raises(ValueError, match="min_visible"):
+        POSTPROCESSORS["detections"](outputs, {**postprocess.DEFAULT_PARAMS, "min_visible": 1.5})

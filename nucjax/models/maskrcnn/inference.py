@@ -65,11 +65,16 @@ def paste_masks(
     height: int,
     width: int,
     mask_threshold: float = 0.5,
+    min_score: float = 0.0,
+    min_visible: float = 0.0,
 ) -> np.ndarray:
     """One image's detections (f32[D, 4], f32[D], f32[D, M, M] probabilities, bool[D]) -> int32[height, width] labels.
 
-    Each mask is resampled bilinearly at the centres of the pixels inside its box and thresholded (>= mask_threshold);
-    where masks overlap the higher score wins. Ids are 1..N in decreasing score over the instances left with pixels.
+    Each mask is resampled bilinearly at the centres of the pixels inside its box and thresholded (>= mask_threshold).
+    Detections are pasted best first, each onto the pixels no better one took, so where masks overlap the higher
+    score wins. One scoring below `min_score`, or left with fewer than `min_visible` × its mask's pixels, is dropped
+    and leaves its pixels to those after it (the sliver beside a better duplicate is no object). Ids are 1..N in
+    decreasing score over the detections pasted.
     """
     boxes, scores, masks, valid = (np.asarray(a) for a in (boxes, scores, masks, valid))
     d = boxes.shape[0]
@@ -78,19 +83,20 @@ def paste_masks(
             f"paste_masks: expected boxes [D, 4], scores [D], masks [D, M, M], valid [D]; got {boxes.shape}, "
             f"{scores.shape}, {masks.shape}, {valid.shape}"
         )
-    owner = np.full((height, width), -1, np.int64)
-    order = [i for i in np.argsort(scores, kind="stable") if valid[i]]  # increasing score: later ones win
-    for i in order:
+    label = np.zeros((height, width), np.int32)
+    n = 0
+    for i in np.argsort(-scores.astype(np.float64), kind="stable"):  # best first; ties: the lower index first
         y0, x0, y1, x1 = (float(v) for v in boxes[i])
-        if y1 <= y0 or x1 <= x0:
+        if not valid[i] or scores[i] < min_score or y1 <= y0 or x1 <= x0:
             continue
         top, wy = _paste_weights(y0, y1, height, masks.shape[1])
         left, wx = _paste_weights(x0, x1, width, masks.shape[2])
         inside = wy @ masks[i].astype(np.float64) @ wx.T >= mask_threshold
-        region = owner[top:top + wy.shape[0], left:left + wx.shape[0]]
-        region[inside] = i
-    present = np.unique(owner[owner >= 0])
-    ranked = present[np.argsort(-scores[present], kind="stable")]
-    lookup = np.zeros(d + 1, np.int32)
-    lookup[ranked + 1] = np.arange(1, len(ranked) + 1)
-    return lookup[owner + 1]
+        region = label[top:top + wy.shape[0], left:left + wx.shape[0]]
+        free = inside & (region == 0)
+        visible = int(free.sum())
+        if visible == 0 or visible < min_visible * int(inside.sum()):
+            continue
+        n += 1
+        region[free] = n
+    return label
