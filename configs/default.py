@@ -86,7 +86,7 @@ def get_config() -> ml_collections.ConfigDict:
     config.postprocess.seed_min_size = 5
     config.postprocess.fill_holes = True
     config.postprocess.min_score = 0.0  # detectors: detections scoring below are dropped (beyond model.score_threshold)
-    config.postprocess.min_visible = 0.0  # detectors: one left with less than this part of its mask is dropped
+    config.postprocess.min_visible = 0.5  # detectors: one left with less than this part of its mask is dropped
 
     config.predict = ml_collections.ConfigDict()
     config.predict.tile_size = 512

@@ -32,7 +32,7 @@ DEFAULT_PARAMS: dict[str, Any] = {
     "seed_min_size": 5,
     "fill_holes": True,
     "min_score": 0.0,
-    "min_visible": 0.0,
+    "min_visible": 0.5,
 }
 
 _THRESHOLDS = ("threshold", "boundary_threshold", "interior_threshold", "min_score", "min_visible")
@@ -145,7 +145,7 @@ def three_class(maps: np.ndarray, params: dict[str, Any]) -> np.ndarray:
     grid={
         "threshold": _THRESHOLD_GRID,
         "min_score": [0.0, 0.6, 0.7, 0.8, 0.9],  # 0: what the detector kept (its own model.score_threshold)
-        "min_visible": [0.0, 0.25, 0.5, 0.75],
+        "min_visible": [0.0, 0.25, 0.5, 0.7, 0.8, 0.9],
         "min_size": _MIN_SIZE_GRID,
     },
 )

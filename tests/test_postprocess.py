@@ -356,7 +356,7 @@ def test_detections_pastes_with_the_detection_parameters():
 def test_tune_on_detections_drops_the_duplicate_and_the_background_box():
     outputs, gt = duplicate_detections_case()
     grid = {"min_score": [0.0, 0.6], "min_visible": [0.0, 0.5]}
-    base = {**postprocess.DEFAULT_PARAMS, "min_size": 0}
+    base = {**postprocess.DEFAULT_PARAMS, "min_size": 0, "min_visible": 0.0}
     params, score = postprocess.tune("detections", [outputs], [gt], grid, base, progress=False)
     assert (params["min_score"], params["min_visible"]) == (0.6, 0.5) and score == 1.0
     # Without them: 1 match and 2 extra objects at every IoU threshold.
