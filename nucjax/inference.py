@@ -46,12 +46,23 @@ def _axis_tiles(length: int, tile: int, overlap: int) -> tuple[list[tuple[int, n
     return tiles, total
 
 
+def tile_ownership(length: int, tile: int, overlap: int) -> list[tuple[int, float, float]]:
+    """(start, low, high) of the tiles along one axis: each tile owns [low, high), the axis cut at the middle of
+    each overlap, so every position belongs to one tile and lies at least overlap/2 inside it (or on the image
+    border). A tiled detector keeps a detection from the tile owning its box centre: each nucleus once, whole when
+    it is at most `overlap` pixels across."""
+    starts = _tile_starts(length, tile, tile - overlap)
+    cuts = [0.0] + [(prev + tile + start) / 2 for prev, start in zip(starts, starts[1:])] + [float(length)]
+    return [(start, cuts[k], cuts[k + 1]) for k, start in enumerate(starts)]
+
+
 class Predictor:
     """Runs a trained variant on images: `predict_outputs` gives the network's maps, `predict` a label image.
 
     Images larger than `tile_size` are cut into tiles overlapping by `tile_overlap` (multiples of the network's
     stride), run `tile_batch` at a time, and blended (zero weight on each tile's outer overlap/4, then a ramp)
-    before post-processing.
+    before post-processing. A detector's tiles (the same cut) each keep the detections whose box centre they own
+    (`tile_ownership`), and all of them are pasted together.
     """
 
     def __init__(self, config: ml_collections.ConfigDict, variables: Mapping[str, Any], *,
@@ -108,15 +119,37 @@ class Predictor:
 
     def predict_outputs(self, image: np.ndarray) -> dict[str, np.ndarray]:
         """Network outputs for one image (H×W or H×W×C; uint8, uint16 or float): {"maps": float32[H, W, C]} for
-        dense variants; for detectors, their per-image detections plus "size" (run on the whole image, untiled)."""
+        dense variants; for detectors, their per-image detections in image coordinates plus "size"."""
         x = self._normalize(image)
         h, w, _ = x.shape
         if not self.variant.dense:
-            outputs = jax.device_get(self._apply(self.variables, x[None]))
-            return {**{k: np.asarray(v[0]) for k, v in outputs.items()}, "size": np.array([h, w])}
+            return {**self._detections(x), "size": np.array([h, w])}
         if max(h, w) <= self.tile_size:
             return {"maps": self._padded_run(x[None])[0]}
         return {"maps": self._tiled(x)}
+
+    def _detections(self, x: np.ndarray) -> dict[str, np.ndarray]:
+        """A detector's outputs for one normalised image float32[H, W, 3], in image coordinates: the whole image
+        when it fits one tile, otherwise every tile's detections with `valid` kept only where the tile owns the
+        box centre (D = tiles × detections per tile)."""
+        h, w, _ = x.shape
+        if max(h, w) <= self.tile_size:
+            return {k: np.asarray(v[0]) for k, v in jax.device_get(self._apply(self.variables, x[None])).items()}
+        t, o = self.tile_size, self.tile_overlap
+        tiles = [(y, y_range, x0, x_range) for y, *y_range in tile_ownership(h, t, o)
+                 for x0, *x_range in tile_ownership(w, t, o)]
+        parts = []
+        for i in range(0, len(tiles), self.tile_batch):
+            chunk = tiles[i:i + self.tile_batch]
+            crops = np.stack([x[y:y + t, x0:x0 + t] for y, _, x0, _ in chunk])
+            out = jax.device_get(self._apply(self.variables, crops))
+            for k, (y, (y_low, y_high), x0, (x_low, x_high)) in enumerate(chunk):
+                boxes = np.asarray(out["boxes"][k]) + np.array([y, x0, y, x0], np.float32)
+                cy, cx = (boxes[:, 0] + boxes[:, 2]) / 2, (boxes[:, 1] + boxes[:, 3]) / 2
+                owned = (y_low <= cy) & (cy < y_high) & (x_low <= cx) & (cx < x_high)
+                parts.append({**{key: np.asarray(v[k]) for key, v in out.items()}, "boxes": boxes,
+                              "valid": np.asarray(out["valid"][k]) & owned})
+        return {key: np.concatenate([part[key] for part in parts]) for key in parts[0]}
 
     def _tiled(self, x: np.ndarray) -> np.ndarray:
         """Blended maps float32[H, W, C] of an image larger than one tile; device memory bounded by `tile_batch` tiles,

@@ -31,6 +31,24 @@ def test_maskrcnn_trains_evaluates_and_predicts_through_the_clis(tmp_path, data_
     # Ids are 1..N with N the number of valid detections that kept pixels.
     assert set(np.unique(labels)) - {0} == set(range(1, labels.max() + 1))
 
+    # Tiled detection: 5 copies of a 64x32 pattern in tiles 64 wide overlapping by 32 (starts 0, 32, 64, 96; they
+    # own x in [0, 48), [48, 80), [80, 112), [112, 160)). Every tile sees the same crop (two periods: the same
+    # intensity percentiles), so the detections are the crop's, moved to each tile and kept where it owns the centre.
+    period = np.full((64, 32), 10, np.uint8)
+    yy, xx = np.mgrid[:64, :32]
+    period[((yy - 20) ** 2 + (xx - 16) ** 2 <= 36) | ((yy - 45) ** 2 + (xx - 8) ** 2 <= 16)] = 200
+    wide = np.tile(period, (1, 5))
+    tiled = checkpoint.load(workdir, tile_size=64, tile_overlap=32, tile_batch=1)  # batch 1, as the crop runs
+    got, crop = tiled.predict_outputs(wide), tiled.predict_outputs(wide[:, :64])
+    expected = []
+    for start, low, high in [(0, 0, 48), (32, 48, 80), (64, 80, 112), (96, 112, 160)]:
+        boxes = crop["boxes"] + np.array([0, start, 0, start], np.float32)  # float32, as pasting receives them
+        keep = crop["valid"] & (low <= (boxes[:, 1] + boxes[:, 3]) / 2) & ((boxes[:, 1] + boxes[:, 3]) / 2 < high)
+        expected += [(tuple(b), float(s)) for b, s in zip(boxes[keep], crop["scores"][keep])]
+    found = [(tuple(b), float(s)) for b, s in zip(got["boxes"][got["valid"]], got["scores"][got["valid"]])]
+    assert sorted(found) == sorted(expected) and len(found) >= 4
+    assert tuple(got["size"]) == (64, 160) and tiled.predict(wide).shape == (64, 160)
+
     assert evaluate.main(["--checkpoint", str(workdir), "--split", "validation", "--json", str(tmp_path / "v.json")]) == 0
     assert "DSB2018 score" in capsys.readouterr().out
     # --tune searches the detection post-processing on the validation split and stores it beside the checkpoint.

@@ -274,3 +274,12 @@ def test_tiled_prediction_equals_untiled(data_dir):
     tiled_maps = tiled.predict_outputs(image)["maps"]
     np.testing.assert_allclose(tiled_maps, maps, atol=1e-5, rtol=0)
     assert _same_up_to_renumbering(tiled.predict(image), expected)
+
+
+def test_tile_ownership_cuts_each_overlap_in_the_middle():
+    from nucjax.inference import tile_ownership
+
+    assert tile_ownership(160, 64, 32) == [(0, 0.0, 48.0), (32, 48.0, 80.0), (64, 80.0, 112.0), (96, 112.0, 160.0)]
+    # The last tile ends at the image border: overlaps of 32 then 60 pixels, cut at 48 and 66.
+    assert tile_ownership(100, 64, 32) == [(0, 0.0, 48.0), (32, 48.0, 66.0), (36, 66.0, 100.0)]
+    assert tile_ownership(50, 64, 32) == [(0, 0.0, 50.0)]  # smaller than a tile: one tile owns it all
