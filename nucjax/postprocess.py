@@ -47,7 +47,7 @@ class _Spec:
 
     channels: int | None
     keys: tuple[str, ...]
-    segment: Callable[[np.ndarray, dict[str, Any]], np.ndarray]
+    segment: Callable[[Any, dict[str, Any]], np.ndarray]
     grid: dict[str, list]
 
 
@@ -174,9 +174,10 @@ def tune(
 
     maps_list[i]: float[H, W, C] probabilities (for `detections`: a detector's outputs), gts[i]: int32[H, W].
     `grid` (default `search_space(name)`) maps parameters to candidates; the others come from `base_params`
-    (default DEFAULT_PARAMS). Every combination is tried when there are at most `max_exhaustive` (ties keep the earlier one), otherwise coordinate ascent: from
-    the base values (the middle candidate where the base value is not one), each parameter is swept in turn, the
-    others fixed, until a full sweep improves nothing (ties keep the current value).
+    (default DEFAULT_PARAMS). Every combination is tried when there are at most `max_exhaustive` (ties keep the
+    earlier one), otherwise coordinate ascent: from the base values (the middle candidate where the base value is
+    not one), each parameter is swept in turn, the others fixed, until a full sweep improves nothing (ties keep the
+    current value).
     Returns (base_params updated with the best values, best score).
     """
     spec = _spec(name)

@@ -32,7 +32,7 @@ class Variant:
     target_names: Callable[[ml_collections.ConfigDict], tuple[str, ...]]
     loss: Callable[..., tuple[jax.Array, dict[str, jax.Array], Any]]
     apply: Callable[..., dict[str, jax.Array]]
-    to_instances: Callable[[Mapping[str, np.ndarray], Mapping[str, Any]], np.ndarray]
+    to_instances: "ToInstances"
     dense: bool = True
     postprocess_name: str | None = None  # the nucjax.postprocess entry to_instances uses (what tuning searches)
 
@@ -129,7 +129,10 @@ def _with_weight_map(names: tuple[str, ...]) -> Callable[[ml_collections.ConfigD
     return lambda config: names + (("weight_map",) if config.loss.use_weight_map else ())
 
 
-def _postprocessor(name: str, dense: bool = True) -> Callable[[Mapping[str, np.ndarray], Mapping[str, Any]], np.ndarray]:
+ToInstances = Callable[[Mapping[str, np.ndarray], Mapping[str, Any]], np.ndarray]
+
+
+def _postprocessor(name: str, dense: bool = True) -> ToInstances:
     """to_instances by `nucjax.postprocess` entry `name`, on the maps (dense) or on all of a detector's outputs."""
     if not dense:
         return lambda outputs, params: postprocess.POSTPROCESSORS[name](outputs, params)
