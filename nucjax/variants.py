@@ -13,6 +13,7 @@ import numpy as np
 from nucjax import losses, postprocess
 
 Batch = Mapping[str, jax.Array]
+ToInstances = Callable[[Mapping[str, np.ndarray], Mapping[str, Any]], np.ndarray]  # (one image's outputs, params)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -32,7 +33,7 @@ class Variant:
     target_names: Callable[[ml_collections.ConfigDict], tuple[str, ...]]
     loss: Callable[..., tuple[jax.Array, dict[str, jax.Array], Any]]
     apply: Callable[..., dict[str, jax.Array]]
-    to_instances: "ToInstances"
+    to_instances: ToInstances
     dense: bool = True
     postprocess_name: str | None = None  # the nucjax.postprocess entry to_instances uses (what tuning searches)
 
@@ -127,9 +128,6 @@ def _three_class_objective(logits, batch, config):
 
 def _with_weight_map(names: tuple[str, ...]) -> Callable[[ml_collections.ConfigDict], tuple[str, ...]]:
     return lambda config: names + (("weight_map",) if config.loss.use_weight_map else ())
-
-
-ToInstances = Callable[[Mapping[str, np.ndarray], Mapping[str, Any]], np.ndarray]
 
 
 def _postprocessor(name: str, dense: bool = True) -> ToInstances:
