@@ -49,7 +49,8 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--warmup", type=int, default=2, help="untimed batches per cell")
     p.add_argument("--compact", action="store_true", help="uint8 masks and classes (train_loader(compact=True))")
     p.add_argument("--step", default="", help="a config file: time its train step too and print the ratios")
-    p.add_argument("--override", nargs="*", default=[], help="KEY=VALUE overrides of the --step config")
+    p.add_argument("--override", nargs="*", default=[], help="KEY=VALUE overrides of the --step config (or the default one), e.g. "
+                   "data.builder_kwargs.holdout_fraction=0.1 to read the study's prepared DSB2018")
     p.add_argument("--step-count", type=int, default=10, help="timed train steps (after one for compilation)")
     p.add_argument("--cache-mb", type=float, default=None,
                    help="data.cache_mb, decoded examples kept per process or worker (default: the config's); time "
@@ -57,12 +58,13 @@ def parse_args() -> argparse.Namespace:
     return p.parse_args()
 
 
-def make_source(args: argparse.Namespace):
-    """A random-access source of {"image", "label"} dicts."""
+def make_source(args: argparse.Namespace, config):
+    """A random-access source of {"image", "label"} dicts: DSB2018's training split as the config names it
+    (data.builder_kwargs, data.data_dir), or synthetic images."""
     if args.source == "dsb2018":
         from nucjax import data
 
-        return data.source("dsb2018", "train")
+        return data.source_for(config, "train")
     from nucjax.data import synthetic
 
     height, width = args.size
@@ -129,7 +131,7 @@ def main() -> None:
         sets = {config.variant: list(variants.get(config.variant).target_names(config))}
         args.compact = True  # as nucjax.train reads them
     start = time.perf_counter()
-    source = make_source(args)
+    source = make_source(args, config)
     shown = len(source) if args.source == "synthetic" else min(len(source), 64)  # DSB2018 decodes each image read
     sizes = np.array([source[i]["label"].shape for i in range(shown)])
     print(f"source {args.source}: {len(source)} images (median size {np.median(sizes, 0).astype(int).tolist()}, "

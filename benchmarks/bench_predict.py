@@ -107,18 +107,18 @@ def main() -> None:
         print(json.dumps(measure(args)))
         return
     rows = []
-    for size in [int(s) for s in args.sizes.split(",")]:
+    for size in [int(s) for s in args.sizes.split(",")]:  # one process per size: its own peak memory
         out = subprocess.run([sys.executable, __file__, *sys.argv[1:], "--child", str(size)], check=True,
                              stdout=subprocess.PIPE, text=True).stdout
-        rows.append(json.loads(out.strip().splitlines()[-1]))
-    first = rows[0]
-    print(f"device {first['device']}; tiles {first['tile_size']}² overlap {first['tile_overlap']}, "
-          f"batch {first['tile_batch']}")
-    print(f"{'size':>6} {'maps s':>8} {'post s':>8} {'MP/s':>7} {'image MiB':>10} {'base MiB':>9} "
-          f"{'peak maps':>10} {'peak MiB':>9} {'nuclei':>7}")
-    for r in rows:
+        r = json.loads(out.strip().splitlines()[-1])
+        if not rows:
+            print(f"device {r['device']}; tiles {r['tile_size']}² overlap {r['tile_overlap']}, batch {r['tile_batch']}")
+            print(f"{'size':>6} {'maps s':>8} {'post s':>8} {'MP/s':>7} {'image MiB':>10} {'base MiB':>9} "
+                  f"{'peak maps':>10} {'peak MiB':>9} {'nuclei':>7}")
+        rows.append(r)
         print(f"{r['size']:>6} {r['maps_s']:>8.2f} {r['post_s']:>8.2f} {r['mpix_per_s']:>7.3f} {r['image_mib']:>10.1f} "
-              f"{r['base_rss_mib']:>9.0f} {r['peak_maps_rss_mib']:>10.0f} {r['peak_rss_mib']:>9.0f} {r['nuclei']:>7}")
+              f"{r['base_rss_mib']:>9.0f} {r['peak_maps_rss_mib']:>10.0f} {r['peak_rss_mib']:>9.0f} {r['nuclei']:>7}",
+              flush=True)
     by_size = {r["size"]: r for r in rows}
     if 1024 in by_size and 4096 in by_size:
         small, large = by_size[1024], by_size[4096]

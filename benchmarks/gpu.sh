@@ -38,14 +38,15 @@ if [ "$stage" = bench ]; then
   timeout 200 python3 benchmarks/bench_train.py --device gpu --precision bfloat16 --batch 128 --steps 20 --rounds 3 \
     --upsample dense --torch channels_last --compile --peak-tflops 989 --profile /tmp/nucjax-trace \
     2>&1 | tee "$out/bench_train_bf16.txt"
-  timeout 120 python3 benchmarks/bench_predict.py --config configs/unet_boundary.py \
+  timeout 240 python3 benchmarks/bench_predict.py --config configs/unet_boundary.py \
     --override model.base_width=32 precision=bfloat16 predict.tile_size=1024 predict.tile_batch=8 --sizes 1024,4096 \
     2>&1 | tee "$out/bench_predict.txt"
   # The ratio: the pipeline's images/s over the bf16 base-32 unet_boundary step's, on DSB2018, in the steady
   # state of training: each of the 15 workers keeps its own decoded-example cache, which is ~90% full after ~10
   # batches of 128 per worker (534 training images), hence 150 warm-up batches.
   timeout 160 python3 benchmarks/bench_input.py --source dsb2018 --step configs/unet_boundary.py \
-    --override model.base_width=32 precision=bfloat16 --batch 128 --crop 256 --workers 15 --warmup 150 \
+    --override model.base_width=32 precision=bfloat16 data.builder_kwargs.holdout_fraction=0.1 --batch 128 --crop 256 \
+    --workers 15 --warmup 150 \
     --batches 30 2>&1 | tee "$out/bench_input_dsb.txt"
 elif [ "$stage" = bench-more ]; then
   timeout 280 python3 benchmarks/bench_maskrcnn.py --depth 50 --size 256 --batch 8 --instances 32 --steps 10 \
@@ -54,7 +55,8 @@ elif [ "$stage" = bench-more ]; then
     --upsample dense --torch channels_last --peak-tflops 495 2>&1 | tee "$out/bench_train_fp32.txt"
   timeout 80 python3 benchmarks/bench_input.py --source synthetic --size 256 320 --images 96 --batch 128 --crop 256 \
     --workers 0,15 --sets boundary,3-class --batches 6 2>&1 | tee "$out/bench_input.txt"
-  timeout 80 python3 benchmarks/bench_input.py --source dsb2018 --batch 128 --crop 256 --workers 0,15 \
+  timeout 80 python3 benchmarks/bench_input.py --source dsb2018 --override data.builder_kwargs.holdout_fraction=0.1 \
+    --batch 128 --crop 256 --workers 0,15 \
     --sets boundary --compact --warmup 20 --batches 10 --cache-mb 0 2>&1 | tee -a "$out/bench_input_dsb.txt"
 elif [ "$stage" = study ]; then
   # One run is input-bound (augmentation on the CPU), so three seeds share the GPU, each with its own input workers
