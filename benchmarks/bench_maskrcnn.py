@@ -19,6 +19,7 @@ import optax
 from skimage.draw import ellipse
 
 from nucjax.data import targets as data_targets
+from trace_summary import print_top
 from nucjax.models.maskrcnn import MaskRCNN, default_model_config, loss
 
 
@@ -77,6 +78,13 @@ def bench_jax(args, labels: np.ndarray, images: np.ndarray) -> dict:
         total.block_until_ready()
         if i:  # the first call warms caches
             times.append(time.perf_counter() - start)
+    if args.profile:
+        with jax.profiler.trace(args.profile, create_perfetto_trace=True):
+            for rng in jax.random.split(jax.random.key(2), args.steps):
+                variables, opt_state, total = compiled(variables, opt_state, batch, rng)
+            total.block_until_ready()
+        print(f"jax.profiler trace of {args.steps} JAX steps in {args.profile}; top costs:")
+        print_top(args.profile, 25)
     stats = jax.devices()[0].memory_stats() or {}
     peak = stats.get("peak_bytes_in_use")
     if peak is None:  # CPU: XLA's buffer estimate for the step
@@ -155,6 +163,8 @@ def main() -> None:
     parser.add_argument("--model", action="append", default=[], metavar="KEY=VALUE",
                         help="override a config.model key of the JAX model, e.g. --model fpn_width=64")
     parser.add_argument("--no-torch", action="store_true")
+    parser.add_argument("--profile", default="", help="trace --steps more JAX steps with jax.profiler into this "
+                        "directory and print their top costs")
     args = parser.parse_args()
     labels = synthetic_labels(args.batch, args.size, args.instances)
     images = np.repeat(np.where(labels[..., None] > 0, 0.8, 0.1), 3, axis=-1).astype(np.float32)

@@ -50,7 +50,7 @@ if [ "$stage" = bench ]; then
     --batches 30 2>&1 | tee "$out/bench_input_dsb.txt"
 elif [ "$stage" = bench-more ]; then
   timeout 280 python3 benchmarks/bench_maskrcnn.py --depth 50 --size 256 --batch 8 --instances 32 --steps 10 \
-    --precision bfloat16 2>&1 | tee "$out/bench_maskrcnn.txt"
+    --precision bfloat16 --profile /tmp/nucjax-maskrcnn-trace 2>&1 | tee "$out/bench_maskrcnn.txt"
   timeout 130 python3 benchmarks/bench_train.py --device gpu --precision float32 --batch 128 --steps 10 --rounds 2 \
     --upsample dense --torch channels_last --peak-tflops 495 2>&1 | tee "$out/bench_train_fp32.txt"
   timeout 80 python3 benchmarks/bench_input.py --source synthetic --size 256 320 --images 96 --batch 128 --crop 256 \

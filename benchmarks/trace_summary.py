@@ -34,9 +34,28 @@ def top_events(trace_dir: str | pathlib.Path, count: int = 20,
     return [(ms, process, name, calls[(process, name)]) for (process, name), ms in total.most_common(count)]
 
 
+def kind(name: str) -> str:
+    """A device kernel's kind: cuDNN/cuBLAS convolutions and matmuls, XLA's own fusions, or other."""
+    lowered = name.lower()
+    if any(k in lowered for k in ("xmma", "gemm", "conv", "cudnn", "cutlass", "wgrad", "dgrad", "fprop")):
+        return "convolution / matmul library kernels"
+    if "fusion" in lowered:
+        return "XLA fusions"
+    return "other kernels (copies, sorts, scatters, ...)"
+
+
 def print_top(trace_dir: str | pathlib.Path, count: int = 20, python: bool = False) -> None:
+    """The costliest events and, where the trace has device processes (GPU), the device time by kind of kernel."""
+    events = top_events(trace_dir, 100_000, python)
+    device = [(ms, name) for ms, process, name, _ in events if process.startswith("/device:")]
+    if device:
+        busy = sum(ms for ms, _ in device)
+        by_kind: collections.Counter = collections.Counter()
+        for ms, name in device:
+            by_kind[kind(name)] += ms
+        print(f"device kernels: {busy:.1f} ms in all; " + "; ".join(f"{k} {ms / busy:.0%}" for k, ms in by_kind.most_common()))
     print(f"{'total ms':>10}{'calls':>7}  process / event")
-    for ms, process, name, n in top_events(trace_dir, count, python):
+    for ms, process, name, n in events[:count]:
         print(f"{ms:>10.2f}{n:>7}  {process[:30]} / {name[:90]}")
 
 
