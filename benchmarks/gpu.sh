@@ -1,10 +1,13 @@
 #!/usr/bin/env bash
 # Every GPU figure of the issues in a few calls on a lent GPU machine (see docs/scaling.md). A session is lent
-# ~15 minutes of device time, start included: run `bench`, then `bench-more`, and the study in later sessions.
+# ~15 minutes of device time, start included. `bench` ran on an H100 and an H200 (docs/scaling.md); what is left:
+# `maskrcnn`, then `study-fp32` and `study` (VARIANTS=unet_3class, then maskrcnn), one call each.
 #   bash benchmarks/gpu.sh bench OUT        U-Net train step vs PyTorch (bf16) with a jax.profiler trace, tiled
-#                                           prediction, the input pipeline against the step on DSB2018 (~8 min)
-#   bash benchmarks/gpu.sh bench-more OUT   Mask R-CNN vs torchvision, the float32 U-Net step, the input pipeline
-#                                           on synthetic images and without the decoded-example cache
+#                                           prediction, the input pipeline against the step on DSB2018 (~7 min)
+#   bash benchmarks/gpu.sh maskrcnn OUT     Mask R-CNN vs torchvision with a jax.profiler trace of the JAX step
+#                                           (summary in OUT), and the JAX step with 40 mask-head slots (~6 min)
+#   bash benchmarks/gpu.sh extra OUT        the float32 U-Net step, the input pipeline on synthetic images and
+#                                           without the decoded-example cache (~5 min)
 #   bash benchmarks/gpu.sh study OUT [S]    the `gpu` study budget, three seeds side by side, stopped (SIGTERM)
 #                                           after S seconds; VARIANTS=a,b limits it to some variants
 #   bash benchmarks/gpu.sh study-fp32 OUT [S]  unet_boundary x 3 seeds of the same budget in float32 (does bf16
@@ -16,7 +19,7 @@
 # .gpudata/ (copy ~/.cache/nucjax/datasets/dsb2018/holdout_fraction=0.1 and .config there). Results go to OUT
 # (default $OUT).
 set -u
-stage=${1:?usage: gpu.sh bench|bench-more|study|study-fp32 OUT [seconds]}
+stage=${1:?usage: gpu.sh bench|maskrcnn|extra|study|study-fp32 OUT [seconds]}
 out=${2:-${OUT:?give OUT}}
 limit=${3:-420}
 mkdir -p "$out"
@@ -48,9 +51,15 @@ if [ "$stage" = bench ]; then
     --override model.base_width=32 precision=bfloat16 data.builder_kwargs.holdout_fraction=0.1 --batch 128 --crop 256 \
     --workers 15 --warmup 150 \
     --batches 30 2>&1 | tee "$out/bench_input_dsb.txt"
-elif [ "$stage" = bench-more ]; then
+elif [ "$stage" = maskrcnn ]; then
   timeout 280 python3 benchmarks/bench_maskrcnn.py --depth 50 --size 256 --batch 8 --instances 32 --steps 10 \
-    --precision bfloat16 --profile /tmp/nucjax-maskrcnn-trace 2>&1 | tee "$out/bench_maskrcnn.txt"
+    --precision bfloat16 --profile /tmp/nucjax-maskrcnn-trace 2>&1 | grep -v cuda_timer | tee "$out/bench_maskrcnn.txt"
+  python3 benchmarks/trace_summary.py /tmp/nucjax-maskrcnn-trace --top 80 > "$out/bench_maskrcnn_trace_top80.txt"
+  # The same JAX step with 40 mask-head slots per image (about the positives torchvision's mask head runs on here).
+  timeout 150 python3 benchmarks/bench_maskrcnn.py --depth 50 --size 256 --batch 8 --instances 32 --steps 10 \
+    --precision bfloat16 --no-torch --model roi_positive_fraction=0.078125 2>&1 | grep -v cuda_timer \
+    | tee -a "$out/bench_maskrcnn.txt"
+elif [ "$stage" = extra ]; then
   timeout 130 python3 benchmarks/bench_train.py --device gpu --precision float32 --batch 128 --steps 10 --rounds 2 \
     --upsample dense --torch channels_last --peak-tflops 495 2>&1 | tee "$out/bench_train_fp32.txt"
   timeout 80 python3 benchmarks/bench_input.py --source synthetic --size 256 320 --images 96 --batch 128 --crop 256 \
@@ -89,6 +98,6 @@ elif [ "$stage" = study-fp32 ]; then
   tar czf "$out/study-fp32.tgz" runs/gpu-fp32/results runs/gpu-fp32/*/metrics.jsonl runs/gpu-fp32/*/study.json \
     2>/dev/null
 else
-  echo "unknown stage $stage (bench, bench-more, study or study-fp32)" >&2
+  echo "unknown stage $stage (bench, maskrcnn, extra, study or study-fp32)" >&2
   exit 2
 fi
