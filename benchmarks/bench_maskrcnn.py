@@ -19,8 +19,8 @@ import optax
 from skimage.draw import ellipse
 
 from nucjax.data import targets as data_targets
-from trace_summary import print_top
 from nucjax.models.maskrcnn import MaskRCNN, default_model_config, loss
+from trace_summary import print_top  # benchmarks/, the script's folder
 
 
 def synthetic_labels(batch: int, size: int, instances: int, seed: int = 0) -> np.ndarray:

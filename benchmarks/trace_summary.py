@@ -35,10 +35,11 @@ def top_events(trace_dir: str | pathlib.Path, count: int = 20,
 
 
 def kind(name: str) -> str:
-    """A device kernel's kind: cuDNN/cuBLAS convolutions and matmuls, XLA's own fusions, or other."""
+    """A device kernel's kind: convolutions and matmuls (cuDNN, cuBLAS, XLA's GEMM fusions), other XLA fusions, or
+    other kernels."""
     lowered = name.lower()
-    if any(k in lowered for k in ("xmma", "gemm", "conv", "cudnn", "cutlass", "wgrad", "dgrad", "fprop")):
-        return "convolution / matmul library kernels"
+    if any(k in lowered for k in ("xmma", "gemm", "nvjet", "convolve", "cudnn", "cutlass", "wgrad", "dgrad", "fprop")):
+        return "convolutions / matmuls"
     if "fusion" in lowered:
         return "XLA fusions"
     return "other kernels (copies, sorts, scatters, ...)"
@@ -53,7 +54,8 @@ def print_top(trace_dir: str | pathlib.Path, count: int = 20, python: bool = Fal
         by_kind: collections.Counter = collections.Counter()
         for ms, name in device:
             by_kind[kind(name)] += ms
-        print(f"device kernels: {busy:.1f} ms in all; " + "; ".join(f"{k} {ms / busy:.0%}" for k, ms in by_kind.most_common()))
+        print(f"device kernels: {busy:.1f} ms in all; "
+              + "; ".join(f"{k} {ms / busy:.0%}" for k, ms in by_kind.most_common()))
     print(f"{'total ms':>10}{'calls':>7}  process / event")
     for ms, process, name, n in events[:count]:
         print(f"{ms:>10.2f}{n:>7}  {process[:30]} / {name[:90]}")
