@@ -49,8 +49,9 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--warmup", type=int, default=2, help="untimed batches per cell")
     p.add_argument("--compact", action="store_true", help="uint8 masks and classes (train_loader(compact=True))")
     p.add_argument("--step", default="", help="a config file: time its train step too and print the ratios")
-    p.add_argument("--override", nargs="*", default=[], help="KEY=VALUE overrides of the --step config (or the default one), e.g. "
-                   "data.builder_kwargs.holdout_fraction=0.1 to read the study's prepared DSB2018")
+    p.add_argument("--override", nargs="*", default=[],
+                   help="KEY=VALUE overrides of the --step config (or the default one), e.g. "
+                        "data.builder_kwargs.holdout_fraction=0.1 to read the study's prepared DSB2018")
     p.add_argument("--step-count", type=int, default=10, help="timed train steps (after one for compilation)")
     p.add_argument("--cache-mb", type=float, default=None,
                    help="data.cache_mb, decoded examples kept per process or worker (default: the config's); time "

@@ -112,7 +112,8 @@ def main() -> None:
                              stdout=subprocess.PIPE, text=True).stdout
         r = json.loads(out.strip().splitlines()[-1])
         if not rows:
-            print(f"device {r['device']}; tiles {r['tile_size']}² overlap {r['tile_overlap']}, batch {r['tile_batch']}")
+            print(f"device {r['device']}; tiles {r['tile_size']}² overlap {r['tile_overlap']}, "
+                  f"batch {r['tile_batch']}")
             print(f"{'size':>6} {'maps s':>8} {'post s':>8} {'MP/s':>7} {'image MiB':>10} {'base MiB':>9} "
                   f"{'peak maps':>10} {'peak MiB':>9} {'nuclei':>7}")
         rows.append(r)
