@@ -9,7 +9,8 @@
 #   bash benchmarks/gpu.sh extra OUT        the float32 U-Net step, the input pipeline on synthetic images and
 #                                           without the decoded-example cache (~5 min)
 #   bash benchmarks/gpu.sh study OUT [S]    the `gpu` study budget, three seeds side by side, stopped (SIGTERM)
-#                                           after S seconds; VARIANTS=a,b limits it to some variants
+#                                           after S seconds; VARIANTS=a,b limits it to some variants, or
+#                                           JOBS="unet_3class:0 maskrcnn:0" runs one process per variant:seed
 #   bash benchmarks/gpu.sh study-fp32 OUT [S]  unet_boundary x 3 seeds of the same budget in float32 (does bf16
 #                                           change the results beyond seed noise?), in runs/gpu-fp32
 # A study goes on across sessions: copy OUT's results/ back to runs/gpu/results (runs/gpu-fp32/results) and carry
@@ -70,16 +71,23 @@ elif [ "$stage" = extra ]; then
 elif [ "$stage" = study ]; then
   # One run is input-bound (augmentation on the CPU), so three seeds share the GPU, each with its own input workers
   # and a quarter of the GPU's memory; a fourth process adds the classical rows. All share one results file.
-  export XLA_PYTHON_CLIENT_MEM_FRACTION=0.22
+  export XLA_PYTHON_CLIENT_MEM_FRACTION=${XLA_PYTHON_CLIENT_MEM_FRACTION:-0.18}  # up to 5 processes
   common=(--budget gpu --workdir runs/gpu --results-dir runs/gpu/results --figures-dir runs/gpu/figures)
   only=(${VARIANTS:+--variants "$VARIANTS"})
   timeout -s TERM "$limit" python3 -m experiments.study "${common[@]}" --gather > "$out/classical.log" 2>&1 &
-  for s in 0 1 2; do
-    timeout -s TERM "$limit" python3 -m experiments.study "${common[@]}" "${only[@]}" --seeds $s --no-classical \
-      > "$out/seed$s.log" 2>&1 &
-  done
+  if [ -n "${JOBS:-}" ]; then  # JOBS="unet_3class:0 maskrcnn:0": one process per variant:seed
+    for job in $JOBS; do
+      timeout -s TERM "$limit" python3 -m experiments.study "${common[@]}" --variants "${job%:*}" --seeds "${job#*:}" \
+        --no-classical > "$out/${job%:*}-s${job#*:}.log" 2>&1 &
+    done
+  else
+    for s in 0 1 2; do
+      timeout -s TERM "$limit" python3 -m experiments.study "${common[@]}" "${only[@]}" --seeds $s --no-classical \
+        > "$out/seed$s.log" 2>&1 &
+    done
+  fi
   wait
-  tail -n 5 "$out"/seed*.log "$out/classical.log"
+  tail -n 5 "$out"/*.log
   timeout 100 python3 -m experiments.study "${common[@]}" --gather 2>&1 | tail -n 5
   cp -r runs/gpu/results "$out/results"
   tar czf "$out/study.tgz" runs/gpu/results runs/gpu/figures runs/gpu/*/metrics.jsonl runs/gpu/*/config.json \
