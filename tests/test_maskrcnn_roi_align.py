@@ -2,6 +2,7 @@
 
 import math
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -59,6 +60,54 @@ def test_roi_align_matches_reference_loop_on_two_levels():
             [_roi_align_reference(features[l], b, strides[l], out, ratio) for b, l in zip(box_list, levels)]
         )
         np.testing.assert_allclose(got, expected, atol=1e-5)
+
+
+def _two_level_case():
+    rng = np.random.default_rng(1)
+    features = [rng.normal(size=(12, 10, 3)).astype(np.float32), rng.normal(size=(6, 5, 3)).astype(np.float32)]
+    boxes = np.array(
+        [[3.0, 5.0, 20.0, 30.0], [-6.0, -3.0, 10.0, 8.0], [40.0, 30.0, 55.0, 47.0], [10.2, 11.7, 11.1, 13.0],
+         [0.0, 0.0, 48.0, 40.0], [25.0, 2.0, 47.5, 39.0]],
+        np.float32,
+    )
+    return features, [4, 8], boxes, np.array([0, 1, 0, 0, 1, 1], np.int32)
+
+
+def test_roi_align_gradient_is_the_transpose_of_the_reference_loop():
+    # RoIAlign is linear in the features and acts on each channel alike, so d<out, g>/dF[a, b, c] is
+    # sum over boxes and bins of reference(e_ab)[box, bin] * g[box, bin, c], e_ab the map that is 1 at (a, b).
+    features, strides, boxes, levels = _two_level_case()
+    out, ratio = 3, 2
+    g = np.random.default_rng(2).normal(size=(len(boxes), out, out, 3)).astype(np.float32)
+    got = jax.grad(lambda fs: jnp.sum(roi_align(fs, strides, jnp.asarray(boxes), jnp.asarray(levels), out, ratio) * g))(
+        [jnp.asarray(f) for f in features]
+    )
+    for level, f in enumerate(features):
+        expected = np.zeros(f.shape)
+        for a in range(f.shape[0]):
+            for b in range(f.shape[1]):
+                unit = np.zeros(f.shape[:2] + (1,))
+                unit[a, b] = 1.0
+                for k in np.flatnonzero(levels == level):
+                    response = _roi_align_reference(unit, boxes[k], strides[level], out, ratio)[..., 0]
+                    expected[a, b] += np.einsum("ij,ijc->c", response, g[k])
+        np.testing.assert_allclose(got[level], expected, atol=1e-5)
+
+
+def test_roi_align_gradient_in_bfloat16_over_a_batch_matches_each_image_in_float32():
+    # vmap and jit over a batch of two images in bfloat16 (as in training) against one float32 image at a time.
+    features, strides, boxes, levels = _two_level_case()
+    g = np.random.default_rng(3).normal(size=(2, len(boxes), 4, 4, 3)).astype(np.float32)
+    pool = jax.vmap(lambda fs, b, l: roi_align(fs, strides, b, l, 4, 2))
+    batch_loss = lambda fs: jnp.sum(pool(fs, jnp.asarray([boxes, boxes]), jnp.asarray([levels, levels])) * g)
+    got = jax.jit(jax.grad(batch_loss))([jnp.asarray(np.stack([f, -f]), jnp.bfloat16) for f in features])
+    for i in range(2):
+        one = jax.grad(lambda fs: jnp.sum(roi_align(fs, strides, jnp.asarray(boxes), jnp.asarray(levels), 4, 2) * g[i]))(
+            [jnp.asarray(f) for f in features]
+        )
+        for level in range(2):
+            assert got[level].dtype == jnp.bfloat16
+            np.testing.assert_allclose(np.asarray(got[level][i], np.float32), one[level], rtol=1e-2, atol=1e-2)
 
 
 def test_roi_align_of_a_linear_map_is_its_value_at_bin_centres():
