@@ -12,7 +12,9 @@
 #                                           after S seconds; VARIANTS=a,b limits it to some variants, or
 #                                           JOBS="unet_3class:0 maskrcnn:0" runs one process per variant:seed
 #   bash benchmarks/gpu.sh study-fp32 OUT [S]  unet_boundary x 3 seeds of the same budget in float32 (does bf16
-#                                           change the results beyond seed noise?), in runs/gpu-fp32
+#                                           change the results beyond seed noise?), in runs/gpu-fp32; then
+#                                           python -m experiments.compare runs/gpu/results/gpu.jsonl \
+#                                             runs/gpu-fp32/results/gpu.jsonl --method unet_boundary
 # A study goes on across sessions: copy OUT's results/ back to runs/gpu/results (runs/gpu-fp32/results) and carry
 # that path in the next session; runs whose rows are there are skipped (checkpoints do not travel: a run stopped
 # half-way starts again). Each stage fits one 10-minute call. Run from the repository root. Missing Python packages
