@@ -52,6 +52,29 @@ def test_bfloat16_computes_in_bf16_with_float32_params_and_logits():
     assert 0 < np.abs(out - ref).max() < 0.1 * np.abs(ref).max()
 
 
+def test_bfloat16_gradients_stay_close_to_float32():
+    # Mixed precision may round each value to bf16 (2**-8 relative), but the gradients of the biases and norm
+    # parameters are sums over every pixel of the batch; summed in bf16, 2·96·96 terms lose most of their digits.
+    rng = np.random.default_rng(4)
+    x = rng.normal(size=(2, 96, 96, 3)).astype(np.float32)
+    target = (rng.random((2, 96, 96, 1)) < 0.3).astype(np.float32)
+    variables = UNet(base_width=8, depth=2, groups=2).init(jax.random.key(0), x, train=False)
+
+    def grads(dtype):
+        model = UNet(base_width=8, depth=2, groups=2, dtype=dtype)
+        loss = lambda p: optax.sigmoid_binary_cross_entropy(model.apply({"params": p}, x, train=False), target).mean()
+        return jax.jit(jax.grad(loss))(variables["params"])
+
+    g32, g16 = grads(jnp.float32), grads(jnp.bfloat16)
+    # Measured: 1.0% over all parameters and at most 6.5% for one layer (a first-layer kernel, whose gradient at
+    # initialisation is a sum with much cancellation); with the bias and norm sums in bf16 it was 14% and 50%.
+    difference = jax.tree.map(lambda a, b: b - a, g32, g16)
+    assert float(optax.tree.norm(difference) / optax.tree.norm(g32)) < 0.03
+    for (path, a), b in zip(jax.tree_util.tree_flatten_with_path(g32)[0], jax.tree.leaves(g16)):
+        error = float(jnp.linalg.norm(b - a) / jnp.linalg.norm(a))
+        assert error < 0.1, f"{jax.tree_util.keystr(path)}: bf16 gradient off by {error:.1%}"
+
+
 def test_dense_upsampling_equals_transposed_conv():
     x = jax.random.normal(jax.random.key(1), (2, 5, 7, 6))
     transpose = Upsample(4, "transpose", jnp.float32)

@@ -87,7 +87,9 @@ class GroupNorm(nn.Module):
         inv = jax.lax.rsqrt(jnp.maximum(mean_sq - mean * mean, 0.0) + self.epsilon)
         a = jnp.repeat(inv, size, axis=1) * scale  # [B, C]
         offset = bias - jnp.repeat(mean, size, axis=1) * a
-        return x * a[:, None, None].astype(self.dtype) + offset[:, None, None].astype(self.dtype)
+        # In float32, so that the gradients of `scale` and `bias` are summed over H×W in float32 (a bf16 sum of
+        # 10^4-10^5 terms loses most of its digits) and the mean is not cancelled in bf16.
+        return (x32 * a[:, None, None] + offset[:, None, None]).astype(self.dtype)
 
 
 def depth_to_space_2x2(x: jax.Array, channels: int) -> jax.Array:
@@ -132,7 +134,7 @@ class Upsample(nn.Module):
         if self.method == "dense":
             y = depth_to_space_2x2(nn.Dense(4 * self.features, use_bias=False, dtype=self.dtype)(x), self.features)
             bias = self.param("bias", nn.initializers.zeros_init(), (self.features,), jnp.float32)
-            return y + bias.astype(self.dtype)
+            return (y.astype(jnp.float32) + bias).astype(self.dtype)  # bias gradient summed in float32
         if self.method == "transpose":
             return nn.ConvTranspose(self.features, (2, 2), strides=(2, 2), dtype=self.dtype)(x)
         b, h, w, c = x.shape
@@ -206,5 +208,6 @@ class UNet(nn.Module):
             features = self.base_width * 2**level
             x = Upsample(features, self.upsample, self.dtype)(x)
             x = ConvBlock(features, **block)(jnp.concatenate([skips[level], x], axis=-1), train)
-        x = nn.Conv(self.out_channels, (1, 1), dtype=self.dtype)(x)
-        return x.astype(jnp.float32)
+        # The 1×1 output convolution in float32 (a few FLOPs per pixel): its bias gradient, the sum of the loss
+        # gradient over every pixel of the batch, would otherwise be summed in bf16.
+        return nn.Conv(self.out_channels, (1, 1), dtype=jnp.float32)(x.astype(jnp.float32))

@@ -1,0 +1,76 @@
+"""How far a bfloat16 train step's loss and gradients are from float32's, at a trained checkpoint on real batches.
+
+    python benchmarks/precision_check.py --checkpoint runs/cpu/unet_boundary-s0 --batches 4
+
+For each batch of the checkpoint's own training pipeline: the loss in both precisions and the relative L2 error
+of the bf16 gradient, ||g_bf16 - g_f32|| / ||g_f32||, over all parameters and for the worst layer. Mixed
+precision should change neither the loss nor the gradient's direction by much more than bf16's rounding
+(2**-8 relative per value).
+"""
+
+import argparse
+import pathlib
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+
+from nucjax import checkpoint, data, intensity, variants  # noqa: E402
+from nucjax.config import load_config  # noqa: E402
+from nucjax.data import pipeline  # noqa: E402
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+
+
+def _overlay(defaults, stored):
+    """`defaults` with every value `stored` has (keys added to the configs after a checkpoint keep their default)."""
+    with defaults.unlocked():
+        for key, value in stored.items():
+            if hasattr(value, "items") and key in defaults and hasattr(defaults[key], "items") and len(defaults[key]):
+                _overlay(defaults[key], value)
+            else:
+                defaults[key] = value
+    return defaults
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--checkpoint", required=True, help="a workdir (its best checkpoint is used)")
+    parser.add_argument("--batches", type=int, default=4)
+    args = parser.parse_args()
+    predictor = checkpoint.load(args.checkpoint)
+    config = _overlay(load_config(REPO / "configs" / f"{predictor.config.variant}.py"), predictor.config)
+    variant = variants.get(config.variant)
+    params = predictor.variables["params"]
+    source = data.source_for(config, config.data.train_split)
+    loader = iter(pipeline.train_loader(source, config, target_names=variant.target_names(config), seed=123))
+
+    def loss_and_grads(precision: str, batch):
+        cfg = config.copy_and_resolve_references()
+        cfg.precision = precision
+        module = variant.model(cfg)
+        loss_fn = lambda p: variant.loss(module, {"params": p}, batch, {"dropout": jax.random.key(0)}, True, cfg)[0]
+        return jax.jit(jax.value_and_grad(loss_fn))(params)
+
+    print(f"{args.checkpoint} (step {predictor.step}), {config.variant}, batch {config.train.batch_size} of "
+          f"{config.data.crop_size}², jax {jax.__version__} on {jax.devices()[0].platform}")
+    print("batch  loss f32  loss bf16  rel. loss diff  grad rel. err (all)  worst layer")
+    for k in range(args.batches):
+        batch = pipeline.widen(next(loader))
+        batch = {**batch, "image": intensity.apply(batch["image"], batch["intensity"], jax.random.key(k))}
+        (l32, g32), (l16, g16) = loss_and_grads("float32", batch), loss_and_grads("bfloat16", batch)
+        flat32 = jax.tree_util.tree_flatten_with_path(g32)[0]
+        flat16 = jax.tree.leaves(g16)
+        diffs = [(jax.tree_util.keystr(path), float(jnp.linalg.norm(b - a)), float(jnp.linalg.norm(a)))
+                 for (path, a), b in zip(flat32, flat16)]
+        total = np.sqrt(sum(d * d for _, d, _ in diffs)) / np.sqrt(sum(n * n for _, _, n in diffs))
+        name, d, n = max(diffs, key=lambda t: t[1] / max(t[2], 1e-12))
+        print(f"{k:5d}  {float(l32):8.4f}  {float(l16):9.4f}  {abs(float(l16) - float(l32)) / float(l32):14.2e}"
+              f"  {total:19.3e}  {d / n:.3e} {name}")
+
+
+if __name__ == "__main__":
+    main()
