@@ -20,17 +20,16 @@ class RPNHead(nn.Module):
     def __call__(self, features: Sequence[jax.Array]) -> tuple[jax.Array, jax.Array]:
         init = nn.initializers.normal(0.01)
         conv = nn.Conv(features[0].shape[-1], (3, 3), padding=1, kernel_init=init, dtype=self.dtype)
-        score = nn.Conv(self.anchors_per_cell, (1, 1), kernel_init=init, dtype=self.dtype)
-        delta = nn.Conv(4 * self.anchors_per_cell, (1, 1), kernel_init=init, dtype=self.dtype)
+        # The 1x1 output layers in float32 (few FLOPs), here and in the other heads: their bias gradients are sums
+        # over every anchor or pixel, which lose most of their digits when summed in bf16.
+        score = nn.Conv(self.anchors_per_cell, (1, 1), kernel_init=init, dtype=jnp.float32)
+        delta = nn.Conv(4 * self.anchors_per_cell, (1, 1), kernel_init=init, dtype=jnp.float32)
         logits, deltas = [], []
         for f in features:
-            h = nn.relu(conv(f))
+            h = nn.relu(conv(f)).astype(jnp.float32)
             logits.append(score(h).reshape(f.shape[0], -1))
             deltas.append(delta(h).reshape(f.shape[0], -1, 4))
-        return (
-            jnp.concatenate(logits, axis=1).astype(jnp.float32),
-            jnp.concatenate(deltas, axis=1).astype(jnp.float32),
-        )
+        return jnp.concatenate(logits, axis=1), jnp.concatenate(deltas, axis=1)
 
 
 class BoxHead(nn.Module):
@@ -46,10 +45,25 @@ class BoxHead(nn.Module):
     def __call__(self, x: jax.Array) -> tuple[jax.Array, jax.Array]:
         x = x.reshape(x.shape[0], -1)
         x = nn.relu(nn.Dense(self.hidden, dtype=self.dtype)(x))
-        x = nn.relu(nn.Dense(self.hidden, dtype=self.dtype)(x))
-        logits = nn.Dense(2, kernel_init=nn.initializers.normal(0.01), dtype=self.dtype)(x)
-        deltas = nn.Dense(4, kernel_init=nn.initializers.normal(0.001), dtype=self.dtype)(x)
-        return logits.astype(jnp.float32), deltas.astype(jnp.float32)
+        x = nn.relu(nn.Dense(self.hidden, dtype=self.dtype)(x)).astype(jnp.float32)
+        logits = nn.Dense(2, kernel_init=nn.initializers.normal(0.01), dtype=jnp.float32)(x)
+        deltas = nn.Dense(4, kernel_init=nn.initializers.normal(0.001), dtype=jnp.float32)(x)
+        return logits, deltas
+
+
+class DenseF32Bias(nn.Module):
+    """nn.Dense (the same parameters and initialisation), its product in `dtype` and its bias added in float32, so
+    that in bf16 the bias gradient, a sum over every RoI pixel, is summed in float32."""
+
+    features: int
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        kernel = self.param("kernel", nn.initializers.lecun_normal(), (x.shape[-1], self.features), jnp.float32)
+        bias = self.param("bias", nn.initializers.zeros_init(), (self.features,), jnp.float32)
+        y = jnp.dot(x.astype(self.dtype), kernel.astype(self.dtype))
+        return (y.astype(jnp.float32) + bias).astype(self.dtype)
 
 
 class MaskHead(nn.Module):
@@ -67,6 +81,6 @@ class MaskHead(nn.Module):
         # The 2x2 stride-2 deconvolution as a per-pixel Dense + depth-to-space (the same map; XLA's CPU
         # transposed convolution is ~100x slower than this matmul).
         r, p = x.shape[0], x.shape[1]
-        x = nn.Dense(4 * self.width, dtype=self.dtype)(x).reshape(r, p, p, 2, 2, self.width)
+        x = DenseF32Bias(4 * self.width, self.dtype, name="Dense_0")(x).reshape(r, p, p, 2, 2, self.width)
         x = nn.relu(x.transpose(0, 1, 3, 2, 4, 5).reshape(r, 2 * p, 2 * p, self.width))
-        return nn.Conv(1, (1, 1), dtype=self.dtype)(x)[..., 0].astype(jnp.float32)
+        return nn.Conv(1, (1, 1), dtype=jnp.float32)(x.astype(jnp.float32))[..., 0]
