@@ -1,6 +1,7 @@
 """How far a bfloat16 train step's loss and gradients are from float32's, at a trained checkpoint on real batches.
 
     python benchmarks/precision_check.py --checkpoint runs/cpu/unet_boundary-s0 --batches 4
+    python benchmarks/precision_check.py --config configs/unet_boundary.py --override model.base_width=32
 
 For each batch of the checkpoint's own training pipeline: the loss in both precisions and the relative L2 error
 of the bf16 gradient, ||g_bf16 - g_f32|| / ||g_f32||, over all parameters and for the worst layer. Mixed
@@ -38,13 +39,23 @@ def _overlay(defaults, stored):
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--checkpoint", required=True, help="a workdir (its best checkpoint is used)")
+    where = parser.add_mutually_exclusive_group(required=True)
+    where.add_argument("--checkpoint", help="a workdir (its best checkpoint is used)")
+    where.add_argument("--config", help="a config file: the parameters at initialisation (config.seed)")
+    parser.add_argument("--override", nargs="*", default=[], metavar="KEY=VALUE", help="with --config")
     parser.add_argument("--batches", type=int, default=4)
+    parser.add_argument("--layers", type=int, default=0, help="also list this many worst layers per batch")
     args = parser.parse_args()
-    predictor = checkpoint.load(args.checkpoint)
-    config = _overlay(load_config(REPO / "configs" / f"{predictor.config.variant}.py"), predictor.config)
+    if args.checkpoint:
+        predictor = checkpoint.load(args.checkpoint)
+        config = _overlay(load_config(REPO / "configs" / f"{predictor.config.variant}.py"), predictor.config)
+        params, step = predictor.variables["params"], predictor.step
+    else:
+        config = load_config(args.config, args.override)
+        sample = jnp.zeros((1, config.data.crop_size, config.data.crop_size, 3), jnp.float32)
+        params = variants.get(config.variant).model(config).init(jax.random.key(config.seed), sample, train=False)
+        params, step = params["params"], 0
     variant = variants.get(config.variant)
-    params = predictor.variables["params"]
     source = data.source_for(config, config.data.train_split)
     loader = iter(pipeline.train_loader(source, config, target_names=variant.target_names(config), seed=123))
 
@@ -55,7 +66,7 @@ def main() -> None:
         loss_fn = lambda p: variant.loss(module, {"params": p}, batch, {"dropout": jax.random.key(0)}, True, cfg)[0]
         return jax.jit(jax.value_and_grad(loss_fn))(params)
 
-    print(f"{args.checkpoint} (step {predictor.step}), {config.variant}, batch {config.train.batch_size} of "
+    print(f"{args.checkpoint or args.config} (step {step}), {config.variant}, batch {config.train.batch_size} of "
           f"{config.data.crop_size}², jax {jax.__version__} on {jax.devices()[0].platform}")
     print("batch  loss f32  loss bf16  rel. loss diff  grad rel. err (all)  worst layer")
     for k in range(args.batches):
@@ -70,6 +81,8 @@ def main() -> None:
         name, d, n = max(diffs, key=lambda t: t[1] / max(t[2], 1e-12))
         print(f"{k:5d}  {float(l32):8.4f}  {float(l16):9.4f}  {abs(float(l16) - float(l32)) / float(l32):14.2e}"
               f"  {total:19.3e}  {d / n:.3e} {name}")
+        for name, d, n in sorted(diffs, key=lambda t: -t[1] / max(t[2], 1e-12))[:args.layers]:
+            print(f"       {d / n:.3e} {name} (|g| {n:.2e})")
 
 
 if __name__ == "__main__":
