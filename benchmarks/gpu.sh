@@ -1,13 +1,15 @@
 #!/usr/bin/env bash
 # Every GPU figure of the issues in a few calls on a lent GPU machine (see docs/scaling.md). A session is lent
-# ~15 minutes of device time, start included. `bench` ran on an H100 and an H200 (docs/scaling.md); what is left:
-# `maskrcnn`, then `study-fp32` and `study` (VARIANTS=unet_3class, then maskrcnn), one call each.
+# ~15 minutes of device time, start included. `bench` ran on an H100 and an H200 before the bf16 fix (docs/scaling.md);
+# what is left: `maskrcnn` (RoIAlign's new backward pass), `extra` (with the bf16 checks), `study-fp32`, and
+# `study` with JOBS="maskrcnn:1 maskrcnn:2", one call each; then `bench` again (the U-Net step after the bf16 fix).
 #   bash benchmarks/gpu.sh bench OUT        U-Net train step vs PyTorch (bf16) with a jax.profiler trace, tiled
 #                                           prediction, the input pipeline against the step on DSB2018 (~7 min)
 #   bash benchmarks/gpu.sh maskrcnn OUT     Mask R-CNN vs torchvision with a jax.profiler trace of the JAX step
 #                                           (summary in OUT), and the JAX step with 40 mask-head slots (~6 min)
-#   bash benchmarks/gpu.sh extra OUT        the float32 U-Net step, the input pipeline on synthetic images and
-#                                           without the decoded-example cache (~5 min)
+#   bash benchmarks/gpu.sh extra OUT        bf16 gradient checks (precision_check.py), the float32 U-Net step,
+#                                           the input pipeline on synthetic images and without the decoded-example
+#                                           cache (~6 min)
 #   bash benchmarks/gpu.sh study OUT [S]    the `gpu` study budget, three seeds side by side, stopped (SIGTERM)
 #                                           after S seconds; VARIANTS=a,b limits it to some variants, or
 #                                           JOBS="unet_3class:0 maskrcnn:0" runs one process per variant:seed
@@ -63,6 +65,10 @@ elif [ "$stage" = maskrcnn ]; then
     --precision bfloat16 --no-torch --model roi_positive_fraction=0.078125 2>&1 | grep -v cuda_timer \
     | tee -a "$out/bench_maskrcnn.txt"
 elif [ "$stage" = extra ]; then
+  { timeout 60 python3 benchmarks/precision_check.py --sum-check
+    timeout 120 python3 benchmarks/precision_check.py --config configs/unet_boundary.py --override model.base_width=32 \
+      precision=bfloat16 data.builder_kwargs.holdout_fraction=0.1 data.num_workers=0 --batches 2 --layers 5
+  } 2>&1 | grep -v WARNING | tee "$out/precision_check.txt"
   timeout 130 python3 benchmarks/bench_train.py --device gpu --precision float32 --batch 128 --steps 10 --rounds 2 \
     --upsample dense --torch channels_last --peak-tflops 495 2>&1 | tee "$out/bench_train_fp32.txt"
   timeout 80 python3 benchmarks/bench_input.py --source synthetic --size 256 320 --images 96 --batch 128 --crop 256 \
