@@ -19,11 +19,11 @@ class RPNHead(nn.Module):
     @nn.compact
     def __call__(self, features: Sequence[jax.Array]) -> tuple[jax.Array, jax.Array]:
         init = nn.initializers.normal(0.01)
-        conv = nn.Conv(features[0].shape[-1], (3, 3), padding=1, kernel_init=init, dtype=self.dtype)
-        # The 1x1 output layers in float32 (few FLOPs), here and in the other heads: their bias gradients are sums
-        # over every anchor or pixel, which lose most of their digits when summed in bf16.
-        score = nn.Conv(self.anchors_per_cell, (1, 1), kernel_init=init, dtype=jnp.float32)
-        delta = nn.Conv(4 * self.anchors_per_cell, (1, 1), kernel_init=init, dtype=jnp.float32)
+        # Every bias is added in float32 (the 1x1 output layers run in float32: few FLOPs), here and in the other
+        # heads: a bias gradient is a sum over every anchor, RoI or pixel, which loses most of its digits in bf16.
+        conv = Conv3x3F32Bias(features[0].shape[-1], init, self.dtype, name="Conv_0")
+        score = nn.Conv(self.anchors_per_cell, (1, 1), kernel_init=init, dtype=jnp.float32, name="Conv_1")
+        delta = nn.Conv(4 * self.anchors_per_cell, (1, 1), kernel_init=init, dtype=jnp.float32, name="Conv_2")
         logits, deltas = [], []
         for f in features:
             h = nn.relu(conv(f)).astype(jnp.float32)
@@ -44,16 +44,16 @@ class BoxHead(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array) -> tuple[jax.Array, jax.Array]:
         x = x.reshape(x.shape[0], -1)
-        x = nn.relu(nn.Dense(self.hidden, dtype=self.dtype)(x))
-        x = nn.relu(nn.Dense(self.hidden, dtype=self.dtype)(x)).astype(jnp.float32)
-        logits = nn.Dense(2, kernel_init=nn.initializers.normal(0.01), dtype=jnp.float32)(x)
-        deltas = nn.Dense(4, kernel_init=nn.initializers.normal(0.001), dtype=jnp.float32)(x)
+        x = nn.relu(DenseF32Bias(self.hidden, self.dtype, name="Dense_0")(x))
+        x = nn.relu(DenseF32Bias(self.hidden, self.dtype, name="Dense_1")(x)).astype(jnp.float32)
+        logits = nn.Dense(2, kernel_init=nn.initializers.normal(0.01), dtype=jnp.float32, name="Dense_2")(x)
+        deltas = nn.Dense(4, kernel_init=nn.initializers.normal(0.001), dtype=jnp.float32, name="Dense_3")(x)
         return logits, deltas
 
 
 class DenseF32Bias(nn.Module):
     """nn.Dense (the same parameters and initialisation), its product in `dtype` and its bias added in float32, so
-    that in bf16 the bias gradient, a sum over every RoI pixel, is summed in float32."""
+    that in bf16 the bias gradient, a sum over every RoI or pixel, is summed in float32."""
 
     features: int
     dtype: Any = jnp.float32
@@ -63,6 +63,23 @@ class DenseF32Bias(nn.Module):
         kernel = self.param("kernel", nn.initializers.lecun_normal(), (x.shape[-1], self.features), jnp.float32)
         bias = self.param("bias", nn.initializers.zeros_init(), (self.features,), jnp.float32)
         y = jnp.dot(x.astype(self.dtype), kernel.astype(self.dtype))
+        return (y.astype(jnp.float32) + bias).astype(self.dtype)
+
+
+class Conv3x3F32Bias(nn.Module):
+    """nn.Conv(features, (3, 3), padding=1) (the same parameters), its convolution in `dtype` and its bias added in
+    float32, as DenseF32Bias."""
+
+    features: int
+    kernel_init: Any
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        kernel = self.param("kernel", self.kernel_init, (3, 3, x.shape[-1], self.features), jnp.float32)
+        bias = self.param("bias", nn.initializers.zeros_init(), (self.features,), jnp.float32)
+        y = jax.lax.conv_general_dilated(x.astype(self.dtype), kernel.astype(self.dtype), (1, 1), ((1, 1), (1, 1)),
+                                         dimension_numbers=("NHWC", "HWIO", "NHWC"))
         return (y.astype(jnp.float32) + bias).astype(self.dtype)
 
 
