@@ -108,4 +108,7 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except ValueError as e:  # a missing checkpoint or config file, a bad override (CheckpointError, ConfigError)
+        sys.exit(f"error: {e}")
