@@ -81,12 +81,15 @@ def main() -> None:
     source = data.source_for(config, config.data.train_split)
     loader = iter(pipeline.train_loader(source, config, target_names=variant.target_names(config), seed=123))
 
-    def loss_and_grads(precision: str, batch):
+    def loss_and_grads(precision: str):
+        """A jitted (params, batch) -> (loss, gradients) in `precision`, compiled once for every batch."""
         cfg = config.copy_and_resolve_references()
         cfg.precision = precision
         module = variant.model(cfg)
-        loss_fn = lambda p: variant.loss(module, {"params": p}, batch, {"dropout": jax.random.key(0)}, True, cfg)[0]
-        return jax.jit(jax.value_and_grad(loss_fn))(params)
+        loss_fn = lambda p, b: variant.loss(module, {"params": p}, b, {"dropout": jax.random.key(0)}, True, cfg)[0]
+        return jax.jit(jax.value_and_grad(loss_fn))
+
+    step_f32, step_bf16 = loss_and_grads("float32"), loss_and_grads("bfloat16")
 
     print(f"{args.checkpoint or args.config} (step {step}), {config.variant}, batch {config.train.batch_size} of "
           f"{config.data.crop_size}², jax {jax.__version__} on {jax.devices()[0].platform}")
@@ -94,7 +97,7 @@ def main() -> None:
     for k in range(args.batches):
         batch = pipeline.widen(next(loader))
         batch = {**batch, "image": intensity.apply(batch["image"], batch["intensity"], jax.random.key(k))}
-        (l32, g32), (l16, g16) = loss_and_grads("float32", batch), loss_and_grads("bfloat16", batch)
+        (l32, g32), (l16, g16) = step_f32(params, batch), step_bf16(params, batch)
         flat32 = jax.tree_util.tree_flatten_with_path(g32)[0]
         flat16 = jax.tree.leaves(g16)
         diffs = [(jax.tree_util.keystr(path), float(jnp.linalg.norm(b - a)), float(jnp.linalg.norm(a)))
