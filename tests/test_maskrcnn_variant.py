@@ -3,7 +3,8 @@
 import numpy as np
 import tifffile
 
-from nucjax import checkpoint, evaluate, postprocess, predict, train
+from experiments import maskrcnn_limits
+from nucjax import checkpoint, evaluate, metrics, postprocess, predict, train
 from nucjax.data import io, synthetic
 from tests.conftest import REPO
 
@@ -48,6 +49,17 @@ def test_maskrcnn_trains_evaluates_and_predicts_through_the_clis(tmp_path, data_
     found = [(tuple(b), float(s)) for b, s in zip(got["boxes"][got["valid"]], got["scores"][got["valid"]])]
     assert sorted(found) == sorted(expected) and len(found) >= 4
     assert tuple(got["size"]) == (64, 160) and tiled.predict(wide).shape == (64, 160)
+
+    # experiments.maskrcnn_limits on this checkpoint: its first row is what predict gives; images within one tile
+    # give the same whole-image row (64² images: one tile); the other rows are scored on the same images.
+    examples = [dict(zip(("image", "label"), synthetic.generate(s, height=64, width=w)), id=str(s))
+                for s, w in ((1, 64), (2, 64))]
+    reports = maskrcnn_limits.checkpoint_reports(str(workdir), examples, progress=False)
+    assert list(reports) == list(maskrcnn_limits.CHECKPOINT_ROWS)
+    direct = metrics.evaluate([e["label"] for e in examples], [predictor.predict(e["image"]) for e in examples])
+    assert reports["tiled"].to_dict()["pooled"] == direct.to_dict()["pooled"]
+    assert reports["whole"].to_dict()["pooled"] == direct.to_dict()["pooled"]
+    assert all(r.n_images == 2 for r in reports.values())
 
     assert evaluate.main(["--checkpoint", str(workdir), "--split", "validation", "--json", str(tmp_path / "v.json")]) == 0
     assert "DSB2018 score" in capsys.readouterr().out

@@ -1,0 +1,216 @@
+"""What limits Mask R-CNN at strict IoU: its boxes, its mask head, or the M x M mask it predicts in each box?
+
+Without a checkpoint: every true nucleus, with its own box, turned into an M x M mask target exactly as training
+does (`nucjax.data.targets.instances`) and pasted back as inference does (`paste_masks`): the ceiling the mask
+resolution alone puts on a perfect detector. With `--checkpoint`: the trained model's own label images beside the
+same model with the ideal mask in each of its boxes (its boxes' limit) and with its mask head run on the true boxes
+(its masks' limit), all with the checkpoint's tuned post-processing.
+
+    python -m experiments.maskrcnn_limits --sizes 14,28,56                      # the study's held-apart images
+    python -m experiments.maskrcnn_limits --checkpoint runs/cpu/maskrcnn-s0
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Iterable, Mapping, Sequence
+
+import numpy as np
+
+from nucjax import metrics
+from nucjax.data.targets import instances
+from nucjax.models.maskrcnn.inference import paste_masks
+
+REPORT_THRESHOLDS = (0.5, 0.75, 0.9)
+
+
+def _count(label: np.ndarray) -> int:
+    return int(np.unique(label[label > 0]).size)
+
+
+def oracle_labels(label: np.ndarray, mask_size: int) -> np.ndarray:
+    """int32[H, W]: every nucleus of `label` through its M x M box-mask target and back (a perfect detector's output).
+
+    Pasted in increasing id order, each onto the pixels that no earlier one took (paste_masks' overlap rule).
+    """
+    label = np.asarray(label)
+    n = _count(label)
+    if n == 0:
+        return np.zeros(label.shape, np.int32)
+    target = instances(label, max_instances=n, mask_size=mask_size)
+    return paste_masks(target["boxes"], np.ones(n, np.float32), target["masks"].astype(np.float32),
+                       target["instance_valid"], *label.shape)
+
+
+def _box_iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Pairwise IoU f64[N, M] of boxes [N, 4] and [M, 4] (y0, x0, y1, x1)."""
+    lo, hi = np.maximum(a[:, None, :2], b[None, :, :2]), np.minimum(a[:, None, 2:], b[None, :, 2:])
+    inter = np.prod(np.clip(hi - lo, 0.0, None), axis=-1)
+    area = lambda x: np.prod(np.clip(x[:, 2:] - x[:, :2], 0.0, None), axis=-1)
+    union = area(a)[:, None] + area(b)[None, :] - inter
+    return np.where(union > 0, inter / np.where(union > 0, union, 1.0), 0.0)
+
+
+def ideal_masks(boxes: np.ndarray, label: np.ndarray, mask_size: int, min_iou: float = 0.5) -> tuple[np.ndarray, np.ndarray]:
+    """For boxes f32[D, 4] in an image with true labels `label`: (masks f32[D, M, M], matched bool[D]).
+
+    A box is matched to the true nucleus whose box has the highest IoU with it (at least `min_iou`, as the mask
+    head's training RoIs are); its ideal mask is that nucleus's pixels in the box, averaged over each of the M x M
+    cells (exact areas of the pixel squares) and thresholded at 0.5. Unmatched boxes get zeros.
+    """
+    boxes = np.asarray(boxes, np.float64).reshape(-1, 4)
+    masks = np.zeros((len(boxes), mask_size, mask_size), np.float32)
+    n = _count(label)
+    if n == 0 or len(boxes) == 0:
+        return masks, np.zeros(len(boxes), bool)
+    truth = instances(label, max_instances=n, mask_size=2)  # boxes only; ids of the rows are 1..n in order
+    ids = np.unique(label[label > 0])
+    iou = _box_iou(boxes, truth["boxes"].astype(np.float64))
+    best, matched = iou.argmax(axis=1), iou.max(axis=1) >= min_iou
+    h, w = label.shape
+    for d in np.flatnonzero(matched):
+        y0, x0, y1, x1 = boxes[d]
+        wy, wx = _cell_weights(y0, y1, h, mask_size), _cell_weights(x0, x1, w, mask_size)
+        masks[d] = (wy @ (label == ids[best[d]]).astype(np.float64) @ wx.T) >= 0.5
+    return masks, matched
+
+
+def _cell_weights(start: float, stop: float, size: int, cells: int) -> np.ndarray:
+    """f64[cells, size]: the share of cell i of [start, stop) (split into `cells` equal parts) in pixel j."""
+    edges = start + np.arange(cells + 1) * ((stop - start) / cells)
+    lo = np.maximum(edges[:-1, None], np.arange(size)[None, :])
+    hi = np.minimum(edges[1:, None], np.arange(size)[None, :] + 1)
+    return np.clip(hi - lo, 0.0, None) * (cells / max(stop - start, 1e-9))
+
+
+def _row(name: str, report: metrics.Report) -> str:
+    pooled = {round(r["threshold"], 2): r for r in report.pooled}
+    cells = [name, f"{report.dsb2018_score:.3f}"]
+    cells += [f"{pooled[t]['accuracy']:.3f}" for t in REPORT_THRESHOLDS]
+    cells += [f"{pooled[0.5]['mean_matched_score']:.3f}", str(report.errors["merges"])]
+    return "| " + " | ".join(cells) + " |"
+
+
+HEADER = ("| {} | DSB2018 score | acc@0.5 | acc@0.75 | acc@0.9 | mean IoU of matches@0.5 | merges |\n"
+          "|---|---|---|---|---|---|---|")
+
+
+def ceiling_table(labels: Sequence[np.ndarray], names: Sequence[str], sizes: Iterable[int]) -> str:
+    """Markdown rows: each label image against its own `oracle_labels`, per mask size."""
+    rows = [HEADER.format("true boxes, M×M masks")]
+    for size in sizes:
+        rows.append(_row(f"{size}×{size}", metrics.evaluate(labels, [oracle_labels(lb, size) for lb in labels], names)))
+    return "\n".join(rows)
+
+
+def checkpoint_reports(path: str, examples: Sequence[Mapping], progress: bool = True) -> dict[str, metrics.Report]:
+    """A Mask R-CNN checkpoint's metrics on examples ({"image", "label", "id"}), by row of CHECKPOINT_ROWS: its label
+    images as `predict` gives them (tiled as configured), on whole images, with the ideal mask in each of its boxes,
+    and with its mask head run on the true boxes; each with the checkpoint's post-processing."""
+    import jax
+
+    from nucjax import checkpoint
+    from nucjax.data.pipeline import normalize_image
+    from nucjax.models.maskrcnn.model import SIZE_MULTIPLE, MaskRCNN, pool_rois
+
+    tiled = checkpoint.load(path)
+    if tiled.variant.dense:
+        raise ValueError(f"{path}: a {tiled.config.variant!r} checkpoint; this analysis needs a detector (maskrcnn)")
+    largest = max(max(e["image"].shape[:2]) for e in examples)
+    whole = checkpoint.load(path, tile_size=-(-largest // SIZE_MULTIPLE) * SIZE_MULTIPLE, tile_overlap=0)
+    config, paste = whole.config, whole.to_instances  # the checkpoint's post-processing, min_size included
+    m, out_size = config.model, 2 * config.model.mask_pool_size
+
+    @jax.jit
+    def masks_in(variables, image, boxes):
+        features = whole.module.apply(variables, image, method=MaskRCNN.features)
+        roi = pool_rois(features, boxes, m.mask_pool_size, m)
+        return jax.nn.sigmoid(whole.module.apply(variables, roi, method=MaskRCNN.mask_outputs))
+
+    columns = {k: [] for k in ("tiled", "whole", "ideal", "true_boxes")}
+    labels = [e["label"] for e in examples]
+    for i, (e, label) in enumerate(zip(examples, labels)):
+        columns["tiled"].append(tiled.predict(e["image"]))
+        out = whole.predict_outputs(e["image"])
+        columns["whole"].append(paste(out))
+        ideal, matched = ideal_masks(out["boxes"], label, out_size)
+        columns["ideal"].append(paste({**out, "masks": np.where(matched[:, None, None], ideal, out["masks"])}))
+        n = _count(label)
+        truth = instances(label, max_instances=max(n, 1), mask_size=2)
+        x = normalize_image(e["image"], grey=config.data.grey, invert_bright=config.data.invert_bright)
+        h, w = x.shape[:2]
+        x = np.pad(x, ((0, -h % SIZE_MULTIPLE), (0, -w % SIZE_MULTIPLE), (0, 0)))
+        masks = np.asarray(masks_in(whole.variables, x[None], truth["boxes"][None]))[0]
+        columns["true_boxes"].append(paste({"boxes": truth["boxes"], "scores": np.ones(len(masks), np.float32),
+                                            "masks": masks, "valid": truth["instance_valid"], "size": np.array([h, w])}))
+        if progress:
+            print(f"\r{i + 1}/{len(examples)} images", end="", file=sys.stderr, flush=True)
+    if progress:
+        print(file=sys.stderr)
+    names = [e["id"] for e in examples]
+    return {k: metrics.evaluate(labels, v, names) for k, v in columns.items()}
+
+
+CHECKPOINT_ROWS = {"tiled": "its boxes, its masks (as predict gives them)",
+                   "whole": "its boxes, its masks (whole images)",
+                   "ideal": "its boxes, ideal masks",
+                   "true_boxes": "true boxes, its masks"}
+
+
+def checkpoint_table(path: str, examples: Sequence[Mapping], progress: bool = True) -> str:
+    """Markdown rows of `checkpoint_reports`."""
+    reports = checkpoint_reports(path, examples, progress)
+    rows = [HEADER.format(str(path))]
+    return "\n".join(rows + [_row(CHECKPOINT_ROWS[k], r) for k, r in reports.items()])
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m experiments.maskrcnn_limits", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--checkpoint", action="append", default=[], metavar="DIR",
+                        help="a maskrcnn workdir or checkpoint (repeatable); without one, only the ceiling table")
+    parser.add_argument("--dataset", default="dsb2018")
+    parser.add_argument("--split", default="holdout", help="a prepared split (default: the study's held-apart images)")
+    parser.add_argument("--setting", action="append", default=None, metavar="KEY=VALUE",
+                        help="builder settings (default: holdout_fraction=0.1, the study's)")
+    parser.add_argument("--sizes", default="14,28,56", help="mask sizes M of the ceiling table, comma-separated")
+    parser.add_argument("--data-dir", default=None)
+    args = parser.parse_args(argv)
+    try:
+        sizes = [int(s) for s in args.sizes.split(",") if s]
+        if not sizes or min(sizes) < 2:
+            raise ValueError
+    except ValueError:
+        print(f"--sizes must be integers >= 2, comma-separated; got {args.sizes!r}", file=sys.stderr)
+        return 2
+    settings = {}
+    for item in args.setting or ["holdout_fraction=0.1"]:
+        key, sep, value = item.partition("=")
+        if not sep:
+            print(f"--setting must be KEY=VALUE, got {item!r}", file=sys.stderr)
+            return 2
+        settings[key] = float(value) if key.endswith("fraction") else value
+    from nucjax import checkpoint, data  # TFDS and JAX come with these
+
+    try:
+        source = data.source(args.dataset, args.split, data_dir=args.data_dir, **settings)
+    except ValueError as error:
+        print(error, file=sys.stderr)
+        return 2
+    examples = [source[i] for i in range(len(source))]
+    labels, names = [e["label"] for e in examples], [e["id"] for e in examples]
+    counts = [_count(lb) for lb in labels]
+    print(f"{args.dataset} {args.split}: {len(labels)} images, {sum(counts)} nuclei (at most {max(counts)} in one "
+          "image)\n")
+    print(ceiling_table(labels, names, sizes), flush=True)
+    for path in args.checkpoint:
+        try:
+            print("\n" + checkpoint_table(path, examples), flush=True)
+        except (checkpoint.CheckpointError, ValueError) as error:
+            print(f"{path}: {error}", file=sys.stderr)
+            return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
