@@ -16,10 +16,12 @@ import argparse
 import sys
 from collections.abc import Iterable, Mapping, Sequence
 
+import jax.numpy as jnp
 import numpy as np
 
 from nucjax import metrics
 from nucjax.data.targets import instances
+from nucjax.models.maskrcnn.boxes import box_iou
 from nucjax.models.maskrcnn.inference import paste_masks
 
 REPORT_THRESHOLDS = (0.5, 0.75, 0.9)
@@ -43,15 +45,6 @@ def oracle_labels(label: np.ndarray, mask_size: int) -> np.ndarray:
                        target["instance_valid"], *label.shape)
 
 
-def _box_iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """Pairwise IoU f64[N, M] of boxes [N, 4] and [M, 4] (y0, x0, y1, x1)."""
-    lo, hi = np.maximum(a[:, None, :2], b[None, :, :2]), np.minimum(a[:, None, 2:], b[None, :, 2:])
-    inter = np.prod(np.clip(hi - lo, 0.0, None), axis=-1)
-    area = lambda x: np.prod(np.clip(x[:, 2:] - x[:, :2], 0.0, None), axis=-1)
-    union = area(a)[:, None] + area(b)[None, :] - inter
-    return np.where(union > 0, inter / np.where(union > 0, union, 1.0), 0.0)
-
-
 def ideal_masks(boxes: np.ndarray, label: np.ndarray, mask_size: int, min_iou: float = 0.5) -> tuple[np.ndarray, np.ndarray]:
     """For boxes f32[D, 4] in an image with true labels `label`: (masks f32[D, M, M], matched bool[D]).
 
@@ -66,7 +59,7 @@ def ideal_masks(boxes: np.ndarray, label: np.ndarray, mask_size: int, min_iou: f
         return masks, np.zeros(len(boxes), bool)
     truth = instances(label, max_instances=n, mask_size=2)  # boxes only; ids of the rows are 1..n in order
     ids = np.unique(label[label > 0])
-    iou = _box_iou(boxes, truth["boxes"].astype(np.float64))
+    iou = np.asarray(box_iou(jnp.asarray(boxes, jnp.float32), jnp.asarray(truth["boxes"])))
     best, matched = iou.argmax(axis=1), iou.max(axis=1) >= min_iou
     h, w = label.shape
     for d in np.flatnonzero(matched):
