@@ -102,10 +102,11 @@ def checkpoint_reports(path: str, examples: Sequence[Mapping], progress: bool = 
     images as `predict` gives them (tiled as configured), on whole images, with the ideal mask in each of its boxes,
     and with its mask head run on the true boxes; each with the checkpoint's post-processing."""
     import jax
+    from tqdm import tqdm
 
     from nucjax import checkpoint
     from nucjax.data.pipeline import normalize_image
-    from nucjax.models.maskrcnn.model import SIZE_MULTIPLE, MaskRCNN, pool_rois
+    from nucjax.models.maskrcnn.model import SIZE_MULTIPLE
 
     tiled = checkpoint.load(path)
     if tiled.variant.dense:
@@ -113,17 +114,14 @@ def checkpoint_reports(path: str, examples: Sequence[Mapping], progress: bool = 
     largest = max(max(e["image"].shape[:2]) for e in examples)
     whole = checkpoint.load(path, tile_size=-(-largest // SIZE_MULTIPLE) * SIZE_MULTIPLE, tile_overlap=0)
     config, paste = whole.config, whole.to_instances  # the checkpoint's post-processing, min_size included
-    m, out_size = config.model, 2 * config.model.mask_pool_size
-
-    @jax.jit
-    def masks_in(variables, image, boxes):
-        features = whole.module.apply(variables, image, method=MaskRCNN.features)
-        roi = pool_rois(features, boxes, m.mask_pool_size, m)
-        return jax.nn.sigmoid(whole.module.apply(variables, roi, method=MaskRCNN.mask_outputs))
+    out_size = 2 * config.model.mask_pool_size
+    # The network on given boxes (MaskRCNN.__call__): its mask head's probabilities in each.
+    masks_in = jax.jit(lambda v, x, b: jax.nn.sigmoid(whole.module.apply(v, x, b)["mask_logits"]))
 
     columns = {k: [] for k in ("tiled", "whole", "ideal", "true_boxes")}
     labels = [e["label"] for e in examples]
-    for i, (e, label) in enumerate(zip(examples, labels)):
+    for e, label in tqdm(list(zip(examples, labels)), desc=str(path), unit="image", file=sys.stderr,
+                         disable=not progress):
         columns["tiled"].append(tiled.predict(e["image"]))
         out = whole.predict_outputs(e["image"])
         columns["whole"].append(paste(out))
@@ -137,10 +135,6 @@ def checkpoint_reports(path: str, examples: Sequence[Mapping], progress: bool = 
         masks = np.asarray(masks_in(whole.variables, x[None], truth["boxes"][None]))[0]
         columns["true_boxes"].append(paste({"boxes": truth["boxes"], "scores": np.ones(len(masks), np.float32),
                                             "masks": masks, "valid": truth["instance_valid"], "size": np.array([h, w])}))
-        if progress:
-            print(f"\r{i + 1}/{len(examples)} images", end="", file=sys.stderr, flush=True)
-    if progress:
-        print(file=sys.stderr)
     names = [e["id"] for e in examples]
     return {k: metrics.evaluate(labels, v, names) for k, v in columns.items()}
 
