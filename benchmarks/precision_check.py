@@ -24,20 +24,6 @@ from nucjax import checkpoint, data, intensity, variants  # noqa: E402
 from nucjax.config import load_config  # noqa: E402
 from nucjax.data import pipeline  # noqa: E402
 
-REPO = pathlib.Path(__file__).resolve().parents[1]
-
-
-def _overlay(defaults, stored):
-    """`defaults` with every value `stored` has (keys added to the configs after a checkpoint keep their default)."""
-    with defaults.unlocked():
-        for key, value in stored.items():
-            if hasattr(value, "items") and key in defaults and hasattr(defaults[key], "items") and len(defaults[key]):
-                _overlay(defaults[key], value)
-            else:
-                defaults[key] = value
-    return defaults
-
-
 def sum_check() -> None:
     """Does this backend sum a bf16 bias add's gradient in bf16? Random data of batch 8 x 128² x 16 channels: the
     relative error of the bias gradient and of a 3×3 convolution's kernel gradient, bf16 against float32 on the
@@ -70,7 +56,7 @@ def main() -> None:
         return sum_check()
     if args.checkpoint:
         predictor = checkpoint.load(args.checkpoint)
-        config = _overlay(load_config(REPO / "configs" / f"{predictor.config.variant}.py"), predictor.config)
+        config = predictor.config
         params, step = predictor.variables["params"], predictor.step
     else:
         config = load_config(args.config, args.override)

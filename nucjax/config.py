@@ -15,6 +15,15 @@ import ml_collections
 # Sections whose keys are not fixed by the base config (they are passed on to a builder that checks them).
 OPEN_SECTIONS = ("data.builder_kwargs",)
 
+# Keys the base config (configs/default.py) gained after the first checkpoints were written, with its values for
+# them (tests check that the two agree). `from_dict` adds the missing ones, so a run saved by an earlier nucjax
+# reloads into the config a new run has, and every tool that reads a key can rely on it being there.
+ADDED_KEYS: dict[str, Any] = {
+    "data.cache_mb": 1024.0,  # decoded-example cache: speed only
+    "postprocess.min_score": 0.0,  # detections: no filtering beyond model.score_threshold, as before
+    "postprocess.min_visible": 0.5,
+}
+
 
 class ConfigError(ValueError):
     """A config file or override that cannot be used; the message names the key and what is wrong."""
@@ -100,8 +109,19 @@ def to_json(config: ml_collections.ConfigDict) -> str:
 
 
 def from_dict(data: dict) -> ml_collections.ConfigDict:
-    """Rebuilds a ConfigDict from `to_json`'s data (lists where the file had tuples stay lists)."""
-    return ml_collections.ConfigDict(data)
+    """Rebuilds a ConfigDict from `to_json`'s data (lists where the file had tuples stay lists); `ADDED_KEYS` that
+    the data lacks (a config saved by an earlier nucjax) get their default."""
+    config = ml_collections.ConfigDict(data)
+    for key, default in ADDED_KEYS.items():
+        *sections, name = key.split(".")
+        node = config
+        for section in sections:
+            if section not in node:
+                node[section] = ml_collections.ConfigDict()
+            node = node[section]
+        if name not in node:
+            node[name] = default
+    return config
 
 
 def _clean(error: Exception) -> str:

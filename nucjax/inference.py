@@ -10,7 +10,6 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from nucjax import postprocess as postprocess_lib
 from nucjax import variants
 from nucjax.data.pipeline import normalize_image
 
@@ -75,8 +74,7 @@ class Predictor:
         self.variables = variables
         self.step = step
         self.workdir = workdir
-        # The defaults first: a checkpoint of an older version may lack a post-processor's newer parameters.
-        self.postprocess_params = {**postprocess_lib.DEFAULT_PARAMS, **config.postprocess.to_dict()}
+        self.postprocess_params = config.postprocess.to_dict()
         if postprocess:
             self.postprocess_params.update(postprocess)
         self.stride = 2 ** int(config.model.get("depth", 5))

@@ -68,3 +68,23 @@ def test_json_round_trip_keeps_values():
     again = config_lib.from_dict(json.loads(config_lib.to_json(config)))
     assert again.train.steps == config.train.steps
     assert list(again.loss.class_weights) == list(config.loss.class_weights)
+
+
+def test_added_keys_carry_the_base_configs_values():
+    base = config_lib.load_config(CONFIGS / "default.py")
+    for key, value in config_lib.ADDED_KEYS.items():
+        node = base
+        for part in key.split("."):
+            node = node[part]
+        assert node == value, key
+
+
+def test_a_config_saved_before_keys_were_added_gets_their_defaults_and_keeps_its_own_values():
+    saved = json.loads(config_lib.to_json(config_lib.load_config(CONFIGS / "quickstart.py", ["postprocess.min_size=7"])))
+    del saved["data"]["cache_mb"], saved["postprocess"]["min_score"], saved["postprocess"]["min_visible"]
+    restored = config_lib.from_dict(saved)
+    assert restored.data.cache_mb == 1024.0
+    assert (restored.postprocess.min_score, restored.postprocess.min_visible) == (0.0, 0.5)
+    assert restored.postprocess.min_size == 7
+    kept = config_lib.from_dict({**saved, "data": {**saved["data"], "cache_mb": 0.0}})
+    assert kept.data.cache_mb == 0.0

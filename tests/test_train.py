@@ -180,3 +180,28 @@ def test_bad_override_stops_with_the_key_named(tmp_path):
          "--workdir", str(tmp_path), "--config.train.stesp=3"], capture_output=True, text=True)
     assert done.returncode == 2
     assert "train.stesp" in done.stderr and "Traceback" not in done.stderr
+
+
+def test_a_checkpoint_of_an_earlier_nucjax_reloads_with_the_keys_added_since(tmp_path, trained_workdir):
+    """Checkpoints written before `data.cache_mb` and the detection post-processing keys existed (runs/cpu/* of the
+    study) lack them in their stored config; reloaded, they have the base config's values and predict as before."""
+    import shutil
+
+    from nucjax import data
+    from nucjax.data import pipeline
+
+    old = tmp_path / "old"
+    shutil.copytree(trained_workdir, old)
+    for item in (old / "checkpoints").glob("*/config/metadata"):
+        stored = json.loads(item.read_text())
+        del stored["data"]["cache_mb"], stored["postprocess"]["min_score"], stored["postprocess"]["min_visible"]
+        item.write_text(json.dumps(stored))
+    predictor, current = checkpoint.load(old), checkpoint.load(trained_workdir)
+    assert predictor.config.data.cache_mb == current.config.data.cache_mb == 1024.0
+    assert predictor.postprocess_params == current.postprocess_params
+    image, _ = synthetic.generate(3, height=64, width=64)
+    np.testing.assert_array_equal(predictor.predict(image), current.predict(image))
+    source = data.source_for(predictor.config, "train")  # the training pipeline reads data.cache_mb
+    loader = pipeline.train_loader(source, predictor.config, target_names=predictor.variant.target_names(
+        predictor.config), seed=0)
+    assert next(iter(loader))["image"].shape == (4, 64, 64, 3)
