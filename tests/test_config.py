@@ -2,6 +2,7 @@
 
 import json
 
+import ml_collections
 import pytest
 
 from nucjax import config as config_lib
@@ -88,3 +89,24 @@ def test_a_config_saved_before_keys_were_added_gets_their_defaults_and_keeps_its
     assert restored.postprocess.min_size == 7
     kept = config_lib.from_dict({**saved, "data": {**saved["data"], "cache_mb": 0.0}})
     assert kept.data.cache_mb == 0.0
+
+
+def _keys(node, prefix=""):
+    """Every dotted leaf key of a ConfigDict (open sections count as leaves)."""
+    keys = set()
+    for key, value in node.items():
+        name = prefix + key
+        if hasattr(value, "items") and name not in config_lib.OPEN_SECTIONS:
+            keys |= _keys(value, name + ".")
+        else:
+            keys.add(name)
+    return keys
+
+
+def test_a_config_saved_by_an_earlier_nucjax_restores_with_every_key_of_the_current_config():
+    """tests/data/config-bf7e4b6-maskrcnn.json is the config stored in a checkpoint of the study's cpu runs (commit
+    bf7e4b6). A key added to configs/default.py since must be listed in ADDED_KEYS, or this fails naming it."""
+    saved = json.loads((REPO / "tests" / "data" / "config-bf7e4b6-maskrcnn.json").read_text())
+    current = config_lib.load_config(CONFIGS / "maskrcnn.py")
+    assert _keys(current) - _keys(ml_collections.ConfigDict(saved)) == set(config_lib.ADDED_KEYS)
+    assert _keys(current) <= _keys(config_lib.from_dict(saved))
