@@ -29,7 +29,40 @@ from nucjax.inference import Predictor, evaluate_source
 from nucjax.models import cost
 from nucjax.runlog import RunLog
 
-VALIDATION_KEYS = ("dsb2018_score", "accuracy@0.5", "accuracy@0.75", "f1@0.5", "f1@0.75", "aji_plus")
+VALIDATION_KEYS = ("dsb2018_score", "accuracy@0.5", "accuracy@0.75", "f1@0.5", "f1@0.75", "aji_plus")  # logged
+
+# The keys `check_config` bounds: (key, what a value must be, the test). Validation is off at eval_every = 0.
+_RANGES = (
+    ("train.steps", "an integer >= 1", lambda v: isinstance(v, int) and v >= 1),
+    ("train.batch_size", "an integer >= 1", lambda v: isinstance(v, int) and v >= 1),
+    ("train.log_every", "an integer >= 1", lambda v: isinstance(v, int) and v >= 1),
+    ("train.eval_every", "an integer >= 0", lambda v: isinstance(v, int) and v >= 0),
+    ("train.checkpoint_every", "an integer >= 1", lambda v: isinstance(v, int) and v >= 1),
+    ("train.keep_checkpoints", "an integer >= 1", lambda v: isinstance(v, int) and v >= 1),
+    ("train.eval_max_images", "an integer >= 0 (0 = all)", lambda v: isinstance(v, int) and v >= 0),
+    ("optim.learning_rate", "a number > 0", lambda v: v > 0),
+    ("optim.warmup_steps", "an integer >= 0", lambda v: isinstance(v, int) and v >= 0),
+    ("optim.weight_decay", "a number >= 0", lambda v: v >= 0),
+    ("optim.clip_norm", "a number > 0", lambda v: v > 0),
+    ("optim.b1", "in [0, 1)", lambda v: 0 <= v < 1),
+    ("optim.b2", "in [0, 1)", lambda v: 0 <= v < 1),
+    ("data.crop_size", "an integer >= 1", lambda v: isinstance(v, int) and v >= 1),
+)
+
+
+def check_config(config: ml_collections.ConfigDict) -> None:
+    """Raises config.ConfigError naming the key whose value cannot train: before any data or model is touched, so
+    that a bad value fails at once instead of deep in the loop (or at the first checkpoint, hours later)."""
+    variants.get(config.variant)
+    variants.compute_dtype(config)
+    for key, must, test in _RANGES:
+        section, name = key.split(".")
+        value = config[section][name]
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not test(value):
+            raise config_lib.ConfigError(f"config key {key!r} must be {must}, got {value!r}")
+    if config.train.best_metric not in VALIDATION_KEYS:
+        raise config_lib.ConfigError(f"config key 'train.best_metric' must be one of the validation metrics "
+                                     f"{list(VALIDATION_KEYS)}, got {config.train.best_metric!r}")
 
 
 @flax.struct.dataclass
@@ -143,11 +176,12 @@ def validation_summary(report: Any) -> dict[str, float]:
     """The headline validation numbers of a metrics Report, keyed as logged."""
     data = report.to_dict()
     pooled = {round(row["threshold"], 2): row for row in data["pooled"]}
-    return {
+    summary = {
         "dsb2018_score": data["dsb2018_score"], "aji_plus": data["aji_plus"],
         "accuracy@0.5": pooled[0.5]["accuracy"], "accuracy@0.75": pooled[0.75]["accuracy"],
         "f1@0.5": pooled[0.5]["f1"], "f1@0.75": pooled[0.75]["f1"],
     }
+    return {key: summary[key] for key in VALIDATION_KEYS}
 
 
 class _Stop:
@@ -174,6 +208,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
     """Trains `config.variant` as the config says, in `workdir`; resumes from the workdir's latest checkpoint."""
     from nucjax import data
 
+    check_config(config)
     workdir = pathlib.Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     variant = variants.get(config.variant)
@@ -301,7 +336,7 @@ def main(argv: list[str] | None = None) -> int:
     args, overrides = parse_args(sys.argv[1:] if argv is None else argv)
     try:
         config = config_lib.load_config(args.config, overrides)
-        variants.get(config.variant)
+        check_config(config)
         launch = distributed.detect_from_args(args)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)

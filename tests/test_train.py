@@ -205,3 +205,34 @@ def test_a_checkpoint_of_an_earlier_nucjax_reloads_with_the_keys_added_since(tmp
     loader = pipeline.train_loader(source, predictor.config, target_names=predictor.variant.target_names(
         predictor.config), seed=0)
     assert next(iter(loader))["image"].shape == (4, 64, 64, 3)
+
+
+@pytest.mark.parametrize("override, words", [
+    ("train.steps=-3", "'train.steps' must be an integer >= 1, got -3"),
+    ("train.log_every=0", "'train.log_every' must be an integer >= 1, got 0"),
+    ("train.checkpoint_every=0", "'train.checkpoint_every' must be an integer >= 1"),
+    ("train.eval_every=-1", "'train.eval_every' must be an integer >= 0"),
+    ("optim.learning_rate=-1.0", "'optim.learning_rate' must be a number > 0, got -1.0"),
+    ("optim.learning_rate=nan", "'optim.learning_rate' must be a number > 0, got nan"),
+    ("optim.b2=1.0", "'optim.b2' must be in [0, 1)"),
+    ("train.best_metric=foo", "'train.best_metric' must be one of the validation metrics"),
+    ("precision=float16", "'precision' must be 'float32' or 'bfloat16'"),
+])
+def test_train_cli_refuses_a_value_that_cannot_train_naming_the_key(tmp_path, capsys, override, words):
+    """Each of these used to train silently wrong (a negative learning rate), do nothing (negative steps), or fail
+    deep inside: a ZeroDivisionError in the loop, a KeyError from Orbax at the first checkpoint."""
+    from nucjax.train import main
+
+    workdir = tmp_path / "run"
+    code = main(["--config", str(REPO / "configs" / "quickstart.py"), "--workdir", str(workdir), f"--config.{override}"])
+    assert code == 2
+    assert words in capsys.readouterr().err
+    assert not workdir.exists()
+
+
+@pytest.mark.parametrize("name", sorted(p.name for p in (REPO / "configs").glob("*.py")))
+def test_every_shipped_config_passes_the_training_checks(name):
+    from nucjax.config import load_config
+    from nucjax.train import check_config
+
+    check_config(load_config(REPO / "configs" / name))
