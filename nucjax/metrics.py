@@ -559,6 +559,11 @@ def evaluate(
     of IoU > error_iou; `splits` = true objects with IoU > 0.1 (SPLIT_MERGE_IOU) to two or more predictions;
     `merges` = predictions with IoU > 0.1 to two or more true objects.
     """
+    for what, column in (("gts", gts), ("preds", preds)):
+        if isinstance(column, np.ndarray) and column.ndim == 2:
+            raise ValueError(
+                f"{what} is one 2-D array; pass a list of label images (e.g. [gt]) or an N×H×W stack"
+            )
     accumulator = Accumulator(thresholds, error_iou)
     end = object()
     columns = (gts, preds) if names is None else (gts, preds, names)

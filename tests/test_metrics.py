@@ -311,12 +311,25 @@ def test_bad_arguments_raise():
     ok = np.zeros((4, 4), np.int32)
     with pytest.raises(ValueError, match="differ in length"):
         metrics.evaluate([ok, ok], [ok])
+    with pytest.raises(ValueError, match="preds is one 2-D array; pass a list"):
+        metrics.evaluate([ok], ok)
+    with pytest.raises(ValueError, match="gts is one 2-D array"):
+        metrics.evaluate(ok, ok)
     with pytest.raises(ValueError, match="thresholds"):
         metrics.match(ok, ok, (0.0, 0.5))
     with pytest.raises(ValueError, match="no images"):
         metrics.Accumulator().report()
     with pytest.raises(ValueError, match=r"image 0 \('x'\).*thresholds"):
         metrics.Accumulator().add_stats(metrics.image_stats(ok, ok, thresholds=(0.5,), name="x"))
+
+
+def test_a_stack_is_a_sequence_of_images():
+    gt = np.zeros((2, 6, 6), np.int32)
+    gt[0, 1:3, 1:3] = 1
+    gt[1, 3:5, 3:5] = 4
+    pred = gt.copy()
+    pred[1] = 0  # image 1: its one nucleus missed (score 0); image 0 exact (score 1); the mean is 1/2
+    assert metrics.evaluate(gt, pred).dsb2018_score == pytest.approx(0.5)
 
 
 def test_accumulator_of_pickled_stats_equals_evaluate():
