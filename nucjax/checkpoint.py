@@ -128,6 +128,8 @@ class Checkpoints:
             return self.manager.latest_step()
         if step == "best":
             return self.best_step()
+        if not (isinstance(step, int) or str(step).isdigit()):
+            raise CheckpointError(f"step must be 'best', 'latest' or a step number, got {step!r}")
         if int(step) not in steps:
             raise CheckpointError(f"no checkpoint for step {step} in {self.directory}; saved steps: {sorted(steps)}")
         return int(step)

@@ -120,6 +120,8 @@ class Predictor:
         dense variants; for detectors, their per-image detections in image coordinates plus "size"."""
         x = self._normalize(image)
         h, w, _ = x.shape
+        if h == 0 or w == 0:
+            raise ValueError(f"image is empty: shape {np.shape(image)}")
         if not self.variant.dense:
             return {**self._detections(x), "size": np.array([h, w])}
         if max(h, w) <= self.tile_size:

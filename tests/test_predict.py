@@ -283,3 +283,14 @@ def test_tile_ownership_cuts_each_overlap_in_the_middle():
     # The last tile ends at the image border: overlaps of 32 then 60 pixels, cut at 48 and 66.
     assert tile_ownership(100, 64, 32) == [(0, 0.0, 48.0), (32, 48.0, 66.0), (36, 66.0, 100.0)]
     assert tile_ownership(50, 64, 32) == [(0, 0.0, 50.0)]  # smaller than a tile: one tile owns it all
+
+
+def test_predictor_refuses_images_it_cannot_segment_and_misspelt_steps(predictor, trained_workdir):
+    image = np.random.default_rng(0).random((40, 40)).astype(np.float32)
+    image[3, 4] = np.nan  # one NaN would make every percentile, hence every pixel, NaN: nothing found, silently
+    with pytest.raises(ValueError, match="1 NaN or infinite"):
+        predictor.predict(image)
+    with pytest.raises(ValueError, match=r"image is empty: shape \(0, 10\)"):
+        predictor.predict(np.zeros((0, 10), np.uint8))
+    with pytest.raises(checkpoint.CheckpointError, match="'best', 'latest' or a step number, got 'bset'"):
+        checkpoint.load(trained_workdir, step="bset")

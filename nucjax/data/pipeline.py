@@ -70,6 +70,8 @@ def image_levels(image: np.ndarray, *, grey: bool = False, invert_bright: bool =
         raise ValueError(f"image must be [H, W] or [H, W, C] with C in 1..4, got shape {image.shape}")
     if not (np.issubdtype(image.dtype, np.integer) or np.issubdtype(image.dtype, np.floating)):
         raise ValueError(f"image must hold integers or floats, got dtype {image.dtype}")
+    if np.issubdtype(image.dtype, np.floating) and not np.isfinite(image).all():
+        raise ValueError(f"image has {np.count_nonzero(~np.isfinite(image))} NaN or infinite values")
     counted = image.dtype in (np.uint8, np.uint16)  # percentiles from a histogram
     copies, divisor = 1, 1
     if image.shape[2] == 3 and grey:
