@@ -330,6 +330,18 @@ def test_read_image_rejects_stacks(tmp_path):
         io.read_image(tmp_path / "stack.tif")
 
 
+@pytest.mark.filterwarnings("ignore:.*writing zero-size array")
+def test_read_image_rejects_non_finite_and_empty_images(tmp_path):
+    values = np.ones((3, 4), np.float64)
+    values[0, 1], values[2, 2], values[1, 3] = np.nan, np.inf, 1e300  # 1e300 overflows float32
+    tifffile.imwrite(tmp_path / "holes.tif", values)
+    with pytest.raises(io.ReadError, match="holes.tif: 3 pixels are NaN or infinite"):
+        io.read_image(tmp_path / "holes.tif")
+    tifffile.imwrite(tmp_path / "empty.tif", np.zeros((0, 5), np.uint8))
+    with pytest.raises(io.ReadError, match=r"empty.tif: the image is empty \(shape \(0, 5\)\)"):
+        io.read_image(tmp_path / "empty.tif")
+
+
 @pytest.mark.parametrize("name", ["garbage.png", "garbage.tif", "garbage.npy", "garbage.jpg"])
 def test_corrupt_files_raise_read_error_naming_the_file(tmp_path, name):
     (tmp_path / name).write_bytes(b"this is not an image at all" * 10)

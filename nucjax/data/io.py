@@ -71,6 +71,8 @@ def read_image(path: PathLike) -> np.ndarray:
         arr = arr[..., :3]
     if arr.ndim != 2 and not (arr.ndim == 3 and arr.shape[-1] == 3):
         raise ReadError(f"{path}: expected a 2-D grey or colour image, got an array of shape {arr.shape}")
+    if arr.size == 0:
+        raise ReadError(f"{path}: the image is empty (shape {arr.shape})")
     if arr.dtype == bool:
         return arr.astype(np.uint8) * 255
     if arr.dtype in (np.uint8, np.uint16):
@@ -78,7 +80,12 @@ def read_image(path: PathLike) -> np.ndarray:
     if np.issubdtype(arr.dtype, np.integer) and arr.size and arr.min() >= 0 and arr.max() <= 65535:
         return arr.astype(np.uint16)
     if np.issubdtype(arr.dtype, np.integer) or np.issubdtype(arr.dtype, np.floating):
-        return arr.astype(np.float32)
+        with np.errstate(over="ignore"):  # values beyond float32's range become inf, and are counted below
+            values = arr.astype(np.float32)
+        bad = np.count_nonzero(~np.isfinite(values))
+        if bad:
+            raise ReadError(f"{path}: {bad} pixels are NaN or infinite (as float32); fill or mask them first")
+        return values
     raise ReadError(f"{path}: unsupported pixel type {arr.dtype}")
 
 
