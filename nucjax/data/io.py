@@ -77,7 +77,7 @@ def read_image(path: PathLike) -> np.ndarray:
         return arr.astype(np.uint8) * 255
     if arr.dtype in (np.uint8, np.uint16):
         return arr
-    if np.issubdtype(arr.dtype, np.integer) and arr.size and arr.min() >= 0 and arr.max() <= 65535:
+    if np.issubdtype(arr.dtype, np.integer) and arr.min() >= 0 and arr.max() <= 65535:
         return arr.astype(np.uint16)
     if np.issubdtype(arr.dtype, np.integer) or np.issubdtype(arr.dtype, np.floating):
         with np.errstate(over="ignore"):  # values beyond float32's range become inf, and are counted below
