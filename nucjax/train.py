@@ -12,7 +12,7 @@ import math
 import pathlib
 import signal
 import sys
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import flax
 import jax
@@ -31,23 +31,27 @@ from nucjax.runlog import RunLog
 
 VALIDATION_KEYS = ("dsb2018_score", "accuracy@0.5", "accuracy@0.75", "f1@0.5", "f1@0.75", "aji_plus")  # logged
 
-# The keys `check_config` bounds: (key, what a value must be, the test). Validation is off at eval_every = 0.
-_RANGES = (
-    ("train.steps", "an integer >= 1", lambda v: isinstance(v, int) and v >= 1),
-    ("train.batch_size", "an integer >= 1", lambda v: isinstance(v, int) and v >= 1),
-    ("train.log_every", "an integer >= 1", lambda v: isinstance(v, int) and v >= 1),
-    ("train.eval_every", "an integer >= 0", lambda v: isinstance(v, int) and v >= 0),
-    ("train.checkpoint_every", "an integer >= 1", lambda v: isinstance(v, int) and v >= 1),
-    ("train.keep_checkpoints", "an integer >= 1", lambda v: isinstance(v, int) and v >= 1),
-    ("train.eval_max_images", "an integer >= 0 (0 = all)", lambda v: isinstance(v, int) and v >= 0),
-    ("optim.learning_rate", "a number > 0", lambda v: v > 0),
-    ("optim.warmup_steps", "an integer >= 0", lambda v: isinstance(v, int) and v >= 0),
-    ("optim.weight_decay", "a number >= 0", lambda v: v >= 0),
-    ("optim.clip_norm", "a number > 0", lambda v: v > 0),
-    ("optim.b1", "in [0, 1)", lambda v: 0 <= v < 1),
-    ("optim.b2", "in [0, 1)", lambda v: 0 <= v < 1),
-    ("data.crop_size", "an integer >= 1", lambda v: isinstance(v, int) and v >= 1),
-)
+def _integer(low: int, note: str = "") -> tuple[str, Callable[[Any], bool]]:
+    return f"an integer >= {low}{note}", lambda v: isinstance(v, int) and v >= low
+
+
+# The keys `check_config` bounds: key -> (what a value must be, the test). Validation is off at eval_every = 0.
+_RANGES: dict[str, tuple[str, Callable[[Any], bool]]] = {
+    "train.steps": _integer(1),
+    "train.batch_size": _integer(1),
+    "train.log_every": _integer(1),
+    "train.eval_every": _integer(0),
+    "train.checkpoint_every": _integer(1),
+    "train.keep_checkpoints": _integer(1),
+    "train.eval_max_images": _integer(0, " (0 = all)"),
+    "optim.learning_rate": ("a number > 0", lambda v: v > 0),
+    "optim.warmup_steps": _integer(0),
+    "optim.weight_decay": ("a number >= 0", lambda v: v >= 0),
+    "optim.clip_norm": ("a number > 0", lambda v: v > 0),
+    "optim.b1": ("in [0, 1)", lambda v: 0 <= v < 1),
+    "optim.b2": ("in [0, 1)", lambda v: 0 <= v < 1),
+    "data.crop_size": _integer(1),
+}
 
 
 def check_config(config: ml_collections.ConfigDict) -> None:
@@ -55,7 +59,7 @@ def check_config(config: ml_collections.ConfigDict) -> None:
     that a bad value fails at once instead of deep in the loop (or at the first checkpoint, hours later)."""
     variants.get(config.variant)
     variants.compute_dtype(config)
-    for key, must, test in _RANGES:
+    for key, (must, test) in _RANGES.items():
         section, name = key.split(".")
         value = config[section][name]
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not test(value):
