@@ -10,12 +10,11 @@ from nucjax.models.maskrcnn.model import SIZE_MULTIPLE, MaskRCNN, anchors_for, p
 from nucjax.models.maskrcnn.proposals import rpn_proposals
 
 
-def detect(module: MaskRCNN, variables, images: jax.Array, config: ml_collections.ConfigDict) -> dict[str, jax.Array]:
-    """Detections of images f32[B, H, W, 3] (padded internally to multiples of 32), best first.
+def propose(module: MaskRCNN, variables, images: jax.Array,
+            config: ml_collections.ConfigDict) -> tuple[list[jax.Array], jax.Array, jax.Array]:
+    """The FPN levels and RPN proposals of images f32[B, H, W, 3] (padded internally to multiples of 32).
 
-    Returns {"boxes": f32[B, D, 4], "scores": f32[B, D], "masks": f32[B, D, M, M] probabilities in each box,
-    "valid": bool[B, D]}, D = config.model.detections_per_image: proposals are scored by the box head, refined,
-    kept above `score_threshold`, NMS'd at `detection_nms_iou`, and the mask head runs on the kept boxes.
+    Returns (features, boxes f32[B, P, 4], valid bool[B, P]), P = config.model.rpn_post_nms_topk_test, best first.
     """
     m = config.model
     b, h, w = images.shape[:3]
@@ -24,14 +23,33 @@ def detect(module: MaskRCNN, variables, images: jax.Array, config: ml_collection
     rpn_logits, rpn_deltas = module.apply(variables, features, method=MaskRCNN.rpn_outputs)
     anchors = anchors_for(features, m)
     level_sizes = [f.shape[1] * f.shape[2] * len(m.aspect_ratios) for f in features]
-    proposals, _, proposal_valid = jax.vmap(
+    proposals, _, valid = jax.vmap(
         lambda lg, dl: rpn_proposals(lg, dl, anchors, level_sizes, (h, w), m.rpn_pre_nms_topk_test,
                                      m.rpn_post_nms_topk_test, m.rpn_nms_iou, m.rpn_min_size, m.nms_tile)
     )(rpn_logits, rpn_deltas)
+    return features, proposals, valid
+
+
+def refine(module: MaskRCNN, variables, features: list[jax.Array], proposals: jax.Array, image_size: tuple[int, int],
+           config: ml_collections.ConfigDict) -> tuple[jax.Array, jax.Array]:
+    """The box head on proposals f32[B, P, 4]: their refined boxes f32[B, P, 4] (clipped to image_size, (h, w)) and
+    nucleus probabilities f32[B, P]."""
+    m = config.model
     class_logits, deltas = module.apply(variables, pool_rois(features, proposals, m.box_pool_size, m),
                                         method=MaskRCNN.box_outputs)
-    scores = jax.nn.softmax(class_logits)[..., 1]
-    boxes = clip_boxes(decode(deltas, proposals, m.box_weights), h, w)
+    return clip_boxes(decode(deltas, proposals, m.box_weights), *image_size), jax.nn.softmax(class_logits)[..., 1]
+
+
+def detect(module: MaskRCNN, variables, images: jax.Array, config: ml_collections.ConfigDict) -> dict[str, jax.Array]:
+    """Detections of images f32[B, H, W, 3] (padded internally to multiples of 32), best first.
+
+    Returns {"boxes": f32[B, D, 4], "scores": f32[B, D], "masks": f32[B, D, M, M] probabilities in each box,
+    "valid": bool[B, D]}, D = config.model.detections_per_image: proposals are scored by the box head, refined,
+    kept above `score_threshold`, NMS'd at `detection_nms_iou`, and the mask head runs on the kept boxes.
+    """
+    m = config.model
+    features, proposals, proposal_valid = propose(module, variables, images, config)
+    boxes, scores = refine(module, variables, features, proposals, images.shape[1:3], config)
     nonempty = (boxes[..., 2] > boxes[..., 0]) & (boxes[..., 3] > boxes[..., 1])
     ok = proposal_valid & nonempty & (scores > m.score_threshold)
     keep, valid = jax.vmap(lambda bx, s, v: nms(bx, s, v, m.detection_nms_iou, m.detections_per_image, m.nms_tile))(
