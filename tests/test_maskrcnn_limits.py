@@ -54,3 +54,42 @@ def test_cli_rejects_bad_sizes(capsys):
     assert "--sizes" in capsys.readouterr().err
     assert maskrcnn_limits.main(["--setting", "holdout_fraction"]) == 2
     assert "KEY=VALUE" in capsys.readouterr().err
+
+
+def test_funnel_follows_each_true_nucleus_through_the_stages():
+    label = np.zeros((24, 28), np.int32)
+    label[2:14, 2:14] = 1
+    label[2:14, 14:26] = 2  # touches 1
+    label[18:22, 2:6] = 3  # isolated, 4x4
+    proposals = np.array([[2, 2, 14, 14],  # nucleus 1 exactly
+                          [2, 16, 14, 28],  # nucleus 2 shifted 2 right: box IoU 120/168
+                          [18, 0, 22, 4]], np.float32)  # beside nucleus 3: box IoU 8/24
+    refined = np.array([[2, 2, 14, 14], [2, 14, 14, 26], [18, 2, 22, 6]], np.float32)  # all three exact
+    kept = np.array([True, True, False])  # nucleus 3's box scores too low
+    detections = np.array([[2, 2, 14, 14], [2, 20, 14, 32]], np.float32)  # nucleus 2's only at box IoU 72/216
+    predicted = np.zeros_like(label)
+    predicted[2:14, 2:14] = 7  # nucleus 1 exactly
+    predicted[2:14, 14:20] = 9  # half of nucleus 2: mask IoU 0.5, not a match (> 0.5 is)
+    out = maskrcnn_limits.funnel(label, proposals, refined, kept, detections, predicted)
+    np.testing.assert_array_equal(out["proposed"], [True, True, False])
+    np.testing.assert_array_equal(out["refined"], [True, True, True])
+    np.testing.assert_array_equal(out["scored"], [True, True, False])
+    np.testing.assert_array_equal(out["detected"], [True, False, False])
+    np.testing.assert_array_equal(out["segmented"], [True, False, False])
+    np.testing.assert_array_equal(out["touching"], [True, True, False])
+    np.testing.assert_allclose(out["diameter"], 2 * np.sqrt(np.array([144, 144, 16]) / np.pi))
+
+    empty = maskrcnn_limits.funnel(np.zeros((8, 8), np.int32), np.zeros((0, 4)), np.zeros((0, 4)), np.zeros(0, bool),
+                                   np.zeros((0, 4)), np.zeros((8, 8), np.int32))
+    assert all(v.shape == (0,) for v in empty.values())
+    lost = maskrcnn_limits.funnel(label, np.zeros((0, 4)), np.zeros((0, 4)), np.zeros(0, bool), np.zeros((0, 4)),
+                                  np.zeros_like(label))
+    assert not any(lost[k].any() for k in maskrcnn_limits.FUNNEL)
+
+    table = maskrcnn_limits.funnel_table([out, lost], ["fluorescence", "brightfield"], "run")
+    rows = {line.split(" | ")[0][2:]: line.split(" | ")[1:] for line in table.splitlines()[2:]}
+    assert rows["all"][:3] == ["6", "0.333", "0.500"]  # 2 of 6 proposed, 3 of 6 refined
+    assert rows["touching another"][:2] == ["4", "0.500"]
+    assert rows["diameter 0–10 px"][:3] == ["2", "0.000", "0.500"]  # nucleus 3 of each image (4.5 px)
+    assert rows["diameter 10–20 px"][:2] == ["4", "0.500"] and rows["diameter ≥ 40 px"][:2] == ["0", "–"]
+    assert rows["fluorescence"][:2] == ["3", "0.667"] and rows["brightfield"][:2] == ["3", "0.000"]

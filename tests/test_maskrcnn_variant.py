@@ -54,12 +54,15 @@ def test_maskrcnn_trains_evaluates_and_predicts_through_the_clis(tmp_path, data_
     # give the same whole-image row (64² images: one tile); the other rows are scored on the same images.
     examples = [dict(zip(("image", "label"), synthetic.generate(s, height=64, width=w)), id=str(s))
                 for s, w in ((1, 64), (2, 64))]
-    reports = maskrcnn_limits.checkpoint_reports(str(workdir), examples, progress=False)
+    reports, funnels = maskrcnn_limits.checkpoint_reports(str(workdir), examples, progress=False)
     assert list(reports) == list(maskrcnn_limits.CHECKPOINT_ROWS)
     direct = metrics.evaluate([e["label"] for e in examples], [predictor.predict(e["image"]) for e in examples])
     assert reports["tiled"].to_dict()["pooled"] == direct.to_dict()["pooled"]
     assert reports["whole"].to_dict()["pooled"] == direct.to_dict()["pooled"]
     assert all(r.n_images == 2 for r in reports.values())
+    # The funnel's last stage is the whole-image row's matches at IoU 0.5, nucleus by nucleus.
+    assert [len(f["segmented"]) for f in funnels] == [len(np.unique(e["label"])) - 1 for e in examples]
+    assert sum(int(f["segmented"].sum()) for f in funnels) == reports["whole"].pooled[0]["tp"]
 
     assert evaluate.main(["--checkpoint", str(workdir), "--split", "validation", "--json", str(tmp_path / "v.json")]) == 0
     assert "DSB2018 score" in capsys.readouterr().out
