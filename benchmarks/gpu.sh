@@ -20,9 +20,8 @@
 # A study goes on across sessions: copy OUT's results/ back to runs/gpu/results (runs/gpu-fp32/results) and carry
 # that path in the next session; runs whose rows are there are skipped (checkpoints do not travel: a run stopped
 # half-way starts again). Each stage fits one 10-minute call. Run from the repository root. Missing Python packages
-# travel as wheels in .whl/ (installed to /tmp/site), the prepared DSB2018 (holdout_fraction=0.1, 45 MiB) in
-# .gpudata/ (copy ~/.cache/nucjax/datasets/dsb2018/holdout_fraction=0.1 and .config there). Results go to OUT
-# (default $OUT).
+# travel as wheels in .whl/ (installed to /tmp/site), the prepared DSB2018 (holdout_fraction=0.1, 46 MiB) in
+# .gpudata/: `bash benchmarks/gpu_pack.sh` makes both here (57 MiB). Results go to OUT (default $OUT).
 set -u
 stage=${1:?usage: gpu.sh bench|maskrcnn|extra|study|study-fp32 OUT [seconds]}
 out=${2:-${OUT:?give OUT}}
