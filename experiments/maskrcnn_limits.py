@@ -141,7 +141,8 @@ def funnel_table(parts: Sequence[Mapping[str, np.ndarray]], modalities: Sequence
         groups[name] = (cat["diameter"] >= low) & (cat["diameter"] < (high or np.inf))
     groups["touching another"], groups["isolated"] = cat["touching"], ~cat["touching"]
     groups.update({m: modality == m for m in sorted(set(modality) - {""})})
-    rows = [f"| {title}: true nuclei | count | " + " | ".join(FUNNEL.values()) + " |", "|---|---|" + "---|" * len(FUNNEL)]
+    rows = [f"| {title}: true nuclei | count | " + " | ".join(FUNNEL.values()) + " |",
+            "|---|---|" + "---|" * len(FUNNEL)]
     for name, members in groups.items():
         n = int(members.sum())
         cells = [f"{cat[k][members].mean():.3f}" if n else "–" for k in FUNNEL]
@@ -180,7 +181,7 @@ def checkpoint_reports(path: str, examples: Sequence[Mapping],
 
     from nucjax import checkpoint
     from nucjax.data.pipeline import normalize_image
-    from nucjax.models.maskrcnn.inference import propose, refine
+    from nucjax.models.maskrcnn.inference import candidates, propose, refine
     from nucjax.models.maskrcnn.model import SIZE_MULTIPLE
 
     tiled = checkpoint.load(path)
@@ -195,10 +196,11 @@ def checkpoint_reports(path: str, examples: Sequence[Mapping],
     masks_in = jax.jit(lambda v, x, b: jax.nn.sigmoid(whole.module.apply(v, x, b)["mask_logits"]))
 
     @jax.jit
-    def stages(v, x):  # detect()'s first stages: valid proposals and their refined boxes and scores
+    def stages(v, x):  # detect()'s first stages: valid proposals, their refined boxes and scores, NMS's candidates
         features, proposals, valid = propose(whole.module, v, x, config)
         refined, scores = refine(whole.module, v, features, proposals, x.shape[1:3], config)
-        return proposals[0], valid[0], refined[0], scores[0]
+        ok = candidates(refined, scores, valid, config.model.score_threshold)
+        return proposals[0], valid[0], refined[0], scores[0], ok[0]
 
     columns = {k: [] for k in ("tiled", "whole", "ideal", "true_boxes")}
     funnels = []
@@ -221,9 +223,8 @@ def checkpoint_reports(path: str, examples: Sequence[Mapping],
                                                 "size": np.array([h, w])}))
         else:
             columns["true_boxes"].append(np.zeros((h, w), np.int32))
-        proposals, valid, refined, scores = (np.asarray(a) for a in stages(whole.variables, x[None]))
-        nonempty = (refined[:, 2] > refined[:, 0]) & (refined[:, 3] > refined[:, 1])
-        kept = nonempty[valid] & (scores[valid] > config.model.score_threshold) & (scores[valid] >= min_score)
+        proposals, valid, refined, scores, ok = (np.asarray(a) for a in stages(whole.variables, x[None]))
+        kept = ok[valid] & (scores[valid] >= min_score)
         shown = out["valid"] & (out["scores"] >= min_score)
         funnels.append(funnel(label, proposals[valid], refined[valid], kept, out["boxes"][shown], columns["whole"][-1]))
     names = [e["id"] for e in examples]

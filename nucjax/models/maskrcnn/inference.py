@@ -40,6 +40,13 @@ def refine(module: MaskRCNN, variables, features: list[jax.Array], proposals: ja
     return clip_boxes(decode(deltas, proposals, m.box_weights), *image_size), jax.nn.softmax(class_logits)[..., 1]
 
 
+def candidates(boxes: jax.Array, scores: jax.Array, proposal_valid: jax.Array, score_threshold: float) -> jax.Array:
+    """bool[..., P]: the refined boxes that go on to NMS: from a valid proposal, non-empty, scoring above the
+    threshold."""
+    nonempty = (boxes[..., 2] > boxes[..., 0]) & (boxes[..., 3] > boxes[..., 1])
+    return proposal_valid & nonempty & (scores > score_threshold)
+
+
 def detect(module: MaskRCNN, variables, images: jax.Array, config: ml_collections.ConfigDict) -> dict[str, jax.Array]:
     """Detections of images f32[B, H, W, 3] (padded internally to multiples of 32), best first.
 
@@ -50,8 +57,7 @@ def detect(module: MaskRCNN, variables, images: jax.Array, config: ml_collection
     m = config.model
     features, proposals, proposal_valid = propose(module, variables, images, config)
     boxes, scores = refine(module, variables, features, proposals, images.shape[1:3], config)
-    nonempty = (boxes[..., 2] > boxes[..., 0]) & (boxes[..., 3] > boxes[..., 1])
-    ok = proposal_valid & nonempty & (scores > m.score_threshold)
+    ok = candidates(boxes, scores, proposal_valid, m.score_threshold)
     keep, valid = jax.vmap(lambda bx, s, v: nms(bx, s, v, m.detection_nms_iou, m.detections_per_image, m.nms_tile))(
         boxes, scores, ok
     )
