@@ -23,6 +23,7 @@ def get_config() -> ml_collections.ConfigDict:
     config.data.cache_mb = 1024.0  # decoded training examples kept per process or grain worker (0 = none)
     config.data.grey = False  # stain robustness: feed the grey level to all three channels
     config.data.invert_bright = False  # stain robustness: invert images whose background is bright
+    config.data.input_scale = 1.0  # images are magnified by this before the network, in training and prediction
 
     config.data.augment = ml_collections.ConfigDict()
     config.data.augment.nuclei_crop_prob = 0.5  # chance a crop is centred on a nucleus

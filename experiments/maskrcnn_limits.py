@@ -180,14 +180,13 @@ def checkpoint_reports(path: str, examples: Sequence[Mapping],
     from tqdm import tqdm
 
     from nucjax import checkpoint
-    from nucjax.data.pipeline import normalize_image
     from nucjax.models.maskrcnn.inference import candidates, propose, refine
     from nucjax.models.maskrcnn.model import SIZE_MULTIPLE
 
     tiled = checkpoint.load(path)
     if tiled.variant.dense:
         raise ValueError(f"{path}: a {tiled.config.variant!r} checkpoint; this analysis needs a detector (maskrcnn)")
-    largest = max(max(e["image"].shape[:2]) for e in examples)
+    largest = round(max(max(e["image"].shape[:2]) for e in examples) * tiled.input_scale)
     whole = checkpoint.load(path, tile_size=-(-largest // SIZE_MULTIPLE) * SIZE_MULTIPLE, tile_overlap=0)
     config, paste = whole.config, whole.to_instances  # the checkpoint's post-processing, min_size included
     out_size = 2 * config.model.mask_pool_size
@@ -213,17 +212,19 @@ def checkpoint_reports(path: str, examples: Sequence[Mapping],
         ideal, matched = ideal_masks(out["boxes"], label, out_size)
         columns["ideal"].append(paste({**out, "masks": np.where(matched[:, None, None], ideal, out["masks"])}))
         _, truth = true_boxes(label)
-        x = normalize_image(e["image"], grey=config.data.grey, invert_bright=config.data.invert_bright)
+        x, factors = whole.network_input(e["image"])  # boxes in x are image boxes times `to_x`
+        to_x = np.tile(factors, 2).astype(np.float32)
         h, w = x.shape[:2]
         padded = np.pad(x, ((0, -h % SIZE_MULTIPLE), (0, -w % SIZE_MULTIPLE), (0, 0)))[None]
         if len(truth):
-            masks = np.asarray(masks_in(whole.variables, padded, truth[None]))[0]
+            masks = np.asarray(masks_in(whole.variables, padded, (truth * to_x)[None]))[0]
             columns["true_boxes"].append(paste({"boxes": truth, "scores": np.ones(len(masks), np.float32),
                                                 "masks": masks, "valid": np.ones(len(masks), bool),
-                                                "size": np.array([h, w])}))
+                                                "size": np.array(label.shape)}))
         else:
-            columns["true_boxes"].append(np.zeros((h, w), np.int32))
+            columns["true_boxes"].append(np.zeros(label.shape, np.int32))
         proposals, valid, refined, scores, ok = (np.asarray(a) for a in stages(whole.variables, x[None]))
+        proposals, refined = proposals / to_x, refined / to_x
         kept = ok[valid] & (scores[valid] >= min_score)
         shown = out["valid"] & (out["scores"] >= min_score)
         funnels.append(funnel(label, proposals[valid], refined[valid], kept, out["boxes"][shown], columns["whole"][-1]))

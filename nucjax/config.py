@@ -22,6 +22,7 @@ ADDED_KEYS: dict[str, Any] = {
     "data.cache_mb": 1024.0,  # decoded-example cache: speed only
     "postprocess.min_score": 0.0,  # detections: no filtering beyond model.score_threshold, as before
     "postprocess.min_visible": 0.5,
+    "data.input_scale": 1.0,  # images as they are, as before
 }
 
 

@@ -9,6 +9,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+import skimage.transform
 
 from nucjax import variants
 from nucjax.data.pipeline import normalize_image
@@ -62,12 +63,17 @@ class Predictor:
     stride), run `tile_batch` at a time, and blended (zero weight on each tile's outer overlap/4, then a ramp)
     before post-processing. A detector's tiles (the same cut) each keep the detections whose box centre they own
     (`tile_ownership`), and all of them are pasted together.
+
+    `input_scale` (default: the run's `data.input_scale`) magnifies each image before the network (bilinear);
+    maps, boxes and label images come back at the image's own size. Use it for images whose nuclei are smaller or
+    larger than those the network was trained on (2 for nuclei half as wide).
     """
 
     def __init__(self, config: ml_collections.ConfigDict, variables: Mapping[str, Any], *,
                  postprocess: Mapping[str, Any] | None = None, step: int | None = None,
                  workdir: str | pathlib.Path | None = None, tile_size: int | None = None,
-                 tile_overlap: int | None = None, tile_batch: int | None = None, tta: bool | None = None):
+                 tile_overlap: int | None = None, tile_batch: int | None = None, tta: bool | None = None,
+                 input_scale: float | None = None):
         self.config = config
         self.variant = variants.get(config.variant)
         self.module = self.variant.model(config)
@@ -82,6 +88,9 @@ class Predictor:
         self.tile_overlap = int(tile_overlap if tile_overlap is not None else config.predict.tile_overlap)
         self.tile_batch = int(tile_batch or config.predict.tile_batch)
         self.tta = bool(config.predict.tta if tta is None else tta)
+        self.input_scale = float(config.data.input_scale if input_scale is None else input_scale)
+        if not self.input_scale > 0:
+            raise ValueError(f"input_scale must be a number > 0, got {self.input_scale}")
         for name, value in (("predict.tile_size", self.tile_size), ("predict.tile_overlap", self.tile_overlap)):
             if value % self.stride:
                 raise ValueError(f"config key {name!r} = {value} must be a multiple of the network stride {self.stride}")
@@ -115,18 +124,32 @@ class Predictor:
         x = np.pad(images, ((0, 0), (0, ph), (0, pw), (0, 0)), mode="reflect" if min(h, w) > 1 else "edge")
         return self._run(x)[:, :h, :w]
 
-    def predict_outputs(self, image: np.ndarray) -> dict[str, np.ndarray]:
-        """Network outputs for one image (H×W or H×W×C; uint8, uint16 or float): {"maps": float32[H, W, C]} for
-        dense variants; for detectors, their per-image detections in image coordinates plus "size"."""
+    def network_input(self, image: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """What the network sees of one image: normalised float32[h, w, 3], magnified by `input_scale` (bilinear, at
+        pixel centres, as training's zoom), and the factors (h / H, w / W) that take image coordinates to it."""
         x = self._normalize(image)
         h, w, _ = x.shape
         if h == 0 or w == 0:
             raise ValueError(f"image is empty: shape {np.shape(image)}")
+        if self.input_scale == 1.0:
+            return x, np.ones(2)
+        size = (max(1, round(h * self.input_scale)), max(1, round(w * self.input_scale)))
+        x = skimage.transform.resize(x, (*size, 3), order=1, mode="edge", anti_aliasing=self.input_scale < 1)
+        return x.astype(np.float32), np.array(size) / np.array([h, w])
+
+    def predict_outputs(self, image: np.ndarray) -> dict[str, np.ndarray]:
+        """Network outputs for one image (H×W or H×W×C; uint8, uint16 or float): {"maps": float32[H, W, C]} for
+        dense variants; for detectors, their per-image detections in image coordinates plus "size"."""
+        x, factors = self.network_input(image)
+        h, w = np.shape(image)[:2]
         if not self.variant.dense:
-            return {**self._detections(x), "size": np.array([h, w])}
-        if max(h, w) <= self.tile_size:
-            return {"maps": self._padded_run(x[None])[0]}
-        return {"maps": self._tiled(x)}
+            out = self._detections(x)
+            return {**out, "boxes": (out["boxes"] / np.tile(factors, 2)).astype(np.float32), "size": np.array([h, w])}
+        maps = self._padded_run(x[None])[0] if max(x.shape[:2]) <= self.tile_size else self._tiled(x)
+        if maps.shape[:2] != (h, w):  # bilinear at pixel centres: at input_scale 2, the mean of each 2x2 block
+            maps = skimage.transform.resize(maps, (h, w, maps.shape[2]), order=1, mode="edge",
+                                            anti_aliasing=False).astype(np.float32)
+        return {"maps": maps}
 
     def _detections(self, x: np.ndarray) -> dict[str, np.ndarray]:
         """A detector's outputs for one normalised image float32[H, W, 3], in image coordinates: the whole image
@@ -202,7 +225,7 @@ class Predictor:
         if len(shapes) != 1:
             raise ValueError(f"predict_many needs images of one size, got sizes {sorted(shapes)}")
         h, w = shapes.pop()
-        if max(h, w) > self.tile_size or not self.variant.dense:
+        if max(h, w) > self.tile_size or not self.variant.dense or self.input_scale != 1.0:
             return [self.predict(im) for im in images]
         x = np.stack([self._normalize(im) for im in images])
         maps = np.concatenate([self._padded_run(x[i:i + self.tile_batch]) for i in range(0, len(x), self.tile_batch)])

@@ -212,6 +212,16 @@ def _step(text: str) -> int | str:
     raise argparse.ArgumentTypeError(f"{text!r}: expected best, latest or a step number")
 
 
+def _positive(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected a number > 0")
+    return value
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m nucjax.predict",
@@ -232,6 +242,9 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--tile-size", type=int, help="tile size (default: the checkpoint's)")
     parser.add_argument("--tile-overlap", type=int, help="tile overlap (default: the checkpoint's)")
     parser.add_argument("--tta", action="store_true", help="average the 8 flips/rotations (8x slower)")
+    parser.add_argument("--input-scale", type=_positive, metavar="S",
+                        help="magnify images S times before the network (default: the checkpoint's data.input_scale); "
+                             "2 for images whose nuclei are half as wide as in the training images")
     parser.add_argument("--overwrite", action="store_true", help="replace outputs that already exist")
     distributed.add_arguments(parser)
     return parser
@@ -252,7 +265,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             check_not_written([f for p in plans for f in p.files()] + ([args.rle] if args.rle else []))
         distributed.barrier("nucjax: outputs checked")  # no process writes before every process has checked
         predictor = checkpoint.load(args.checkpoint, step=args.step, tile_size=args.tile_size,
-                                    tile_overlap=args.tile_overlap, tta=True if args.tta else None)
+                                    tile_overlap=args.tile_overlap, tta=True if args.tta else None,
+                                    input_scale=args.input_scale)
         failed = predict_files(predictor, plans, rle=args.rle)
         if jax.process_index() == 0:
             print(f"{len(plans) - len(failed)} of {len(plans)} images segmented into {args.output}", file=sys.stderr)

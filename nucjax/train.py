@@ -51,6 +51,7 @@ _RANGES: dict[str, tuple[str, Callable[[Any], bool]]] = {
     "optim.b1": ("in [0, 1)", lambda v: 0 <= v < 1),
     "optim.b2": ("in [0, 1)", lambda v: 0 <= v < 1),
     "data.crop_size": _integer(1),
+    "data.input_scale": ("a number > 0", lambda v: v > 0),
 }
 
 

@@ -45,6 +45,23 @@ def test_labels_stay_on_the_pixels_the_image_shows(shape):
             assert (valid == 0).any()  # the image is smaller than every window: mirrored padding, marked invalid
 
 
+def test_zoom_magnifies_each_pixel_into_a_block():
+    """zoom=2 (the run's data.input_scale) at scale_range (1, 1): the crop is a window of the image with every
+    pixel repeated into a 2x2 block (nearest labels; the image bilinear, a quarter-pixel off each centre)."""
+    image, label = _coordinate_image(80, 90)
+    config = _config(scale_range=(1.0, 1.0), nuclei_crop_prob=0.0, flip=False, rot90=False, **GEOMETRY_ONLY)
+    for seed in range(5):
+        out_image, out_label, valid, _ = augment.augment(image, label, np.random.default_rng(seed), config, 64,
+                                                         zoom=2.0)
+        assert valid.all()
+        top, left = divmod(int(out_label[0, 0]) - 1, 90)
+        window = label[top:top + 32, left:left + 32]
+        np.testing.assert_array_equal(out_label, np.repeat(np.repeat(window, 2, axis=0), 2, axis=1))
+        # Output row i samples source row top + (i + 0.5) / 2 - 0.5, clamped at the image's first row.
+        rows = np.maximum(top + (np.arange(64) + 0.5) / 2 - 0.5, 0)
+        np.testing.assert_allclose(out_image[:, 0, 0] * 100, rows, atol=1e-4)
+
+
 def test_flips_and_rotations_without_scale_are_exact_permutations():
     image, label = _coordinate_image(64, 64)
     config = _config(scale_range=(1.0, 1.0), **GEOMETRY_ONLY)

@@ -31,6 +31,14 @@ def test_maskrcnn_trains_evaluates_and_predicts_through_the_clis(tmp_path, data_
     assert labels.shape == (64, 80) and labels.dtype == np.int32
     # Ids are 1..N with N the number of valid detections that kept pixels.
     assert set(np.unique(labels)) - {0} == set(range(1, labels.max() + 1))
+    # input_scale=2: the detections of the 2x magnified image (128 x 160, one tile), boxes in the image's pixels.
+    scaled = checkpoint.load(workdir, input_scale=2.0)
+    magnified, factors = scaled.network_input(image)
+    assert magnified.shape == (128, 160, 3) and tuple(factors) == (2.0, 2.0)
+    got, on_magnified = scaled.predict_outputs(image), predictor._detections(magnified)
+    np.testing.assert_array_equal(got["valid"], on_magnified["valid"])
+    np.testing.assert_allclose(got["boxes"], on_magnified["boxes"] / 2, rtol=1e-6)
+    assert tuple(got["size"]) == (64, 80) and scaled.predict(image).shape == (64, 80)
 
     # Tiled detection: 5 copies of a 64x32 pattern in tiles 64 wide overlapping by 32 (starts 0, 32, 64, 96; they
     # own x in [0, 48), [48, 80), [80, 112), [112, 160)). Every tile sees the same crop (two periods: the same

@@ -147,6 +147,19 @@ def test_batches_have_fixed_shapes_and_consistent_targets():
         assert batch["instance_valid"].any()
 
 
+@pytest.mark.parametrize("input_scale", [1.0, 2.0])
+def test_input_scale_magnifies_the_training_crops(input_scale):
+    """data.input_scale=2 with no random zoom: every crop (of an image larger than it) is made of 2x2 blocks."""
+    config = _config()
+    config.data.input_scale = input_scale
+    config.data.augment.scale_range = (1.0, 1.0)
+    batch = next(iter(_loader(config, ["foreground"])))
+    foreground = batch["foreground"][batch["valid"].all(axis=(1, 2))]
+    assert len(foreground) and foreground.any()
+    blocks = all((foreground[:, a::2, b::2] == foreground[:, ::2, ::2]).all() for a in (0, 1) for b in (0, 1))
+    assert blocks == (input_scale == 2.0)
+
+
 def test_targets_of_a_padded_crop_are_the_image_targets_with_no_boundary_at_its_edge():
     label = np.zeros((20, 24), np.int32)
     label[:, :10] = 1  # touches three image edges

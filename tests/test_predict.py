@@ -186,6 +186,20 @@ def test_cli_tile_options_and_tta(tmp_path, inputs, trained_workdir, capfd):
     assert not np.array_equal(labels, default.predict(image))  # the options changed the prediction
 
 
+def test_cli_input_scale(tmp_path, inputs, trained_workdir, capfd):
+    out = tmp_path / "out"
+    code, err = _run(capfd, "--checkpoint", trained_workdir, "--input", inputs[0], "--output", out, "--input-scale", 2)
+    assert code == 0, err
+    image = io.read_image(inputs[0])
+    labels = tifffile.imread(out / "a.tif")
+    assert labels.shape == image.shape[:2]
+    np.testing.assert_array_equal(labels, checkpoint.load(trained_workdir, input_scale=2.0).predict(image))
+    with pytest.raises(SystemExit) as stop:  # argparse: usage and the message, exit status 2
+        predict.main(["--checkpoint", str(trained_workdir), "--input", str(inputs[0]), "--output", str(tmp_path / "o2"),
+                      "--input-scale", "0"])
+    assert stop.value.code == 2 and "--input-scale: '0': expected a number > 0" in capfd.readouterr().err
+
+
 def test_unreadable_inputs_are_reported_and_skipped(tmp_path, inputs, trained_workdir, capfd):
     broken, missing = tmp_path / "broken.png", tmp_path / "missing.tif"
     broken.write_bytes(b"\x89PNG\r\n\x1a\n not really a png")
@@ -274,6 +288,48 @@ def test_tiled_prediction_equals_untiled(data_dir):
     tiled_maps = tiled.predict_outputs(image)["maps"]
     np.testing.assert_allclose(tiled_maps, maps, atol=1e-5, rtol=0)
     assert _same_up_to_renumbering(tiled.predict(image), expected)
+
+
+def _magnify_twice(x: np.ndarray) -> np.ndarray:
+    """Bilinear 2x magnification of [H, W, C] at pixel centres (output i samples (i + 0.5) / 2 - 0.5, edges held)."""
+    for axis in (0, 1):
+        n = x.shape[axis]
+        src = np.clip((np.arange(2 * n) + 0.5) / 2 - 0.5, 0, n - 1)
+        low = np.floor(src).astype(int)
+        high, frac = np.minimum(low + 1, n - 1), src - low
+        shape = [1, 1, 1]
+        shape[axis] = 2 * n
+        x = np.take(x, low, axis) * (1 - frac).reshape(shape) + np.take(x, high, axis) * frac.reshape(shape)
+    return x
+
+
+def test_input_scale_runs_the_network_on_the_magnified_image(data_dir):
+    """input_scale=2: the network sees the bilinear 2x magnification, and its maps come back as the means of 2x2
+    blocks, at the image's size; predict_many gives what predict does."""
+    config = tiny_config(data_dir, "model.norm=none", "variant=unet_mask")
+    module = variants.get(config.variant).model(config)
+    variables = module.init(jax.random.PRNGKey(0), np.zeros((1, 4, 4, 3), np.float32), train=False)
+    image, _ = synthetic.generate(0, height=40, width=56)
+    plain = Predictor(config, variables, tile_size=128, tile_overlap=0)
+    scaled = Predictor(config, variables, tile_size=128, tile_overlap=0, input_scale=2.0)
+    big = _magnify_twice(plain._normalize(image))
+    x, factors = scaled.network_input(image)
+    np.testing.assert_allclose(x, big, atol=1e-5)
+    np.testing.assert_array_equal(factors, [2.0, 2.0])
+
+    maps_big = plain._padded_run(big[None].astype(np.float32))[0]
+    expected = maps_big.reshape(40, 2, 56, 2, -1).mean(axis=(1, 3))
+    maps = scaled.predict_outputs(image)["maps"]
+    assert maps.shape == (40, 56, 1)
+    np.testing.assert_allclose(maps, expected, atol=1e-5)
+    assert not np.allclose(maps, plain.predict_outputs(image)["maps"], atol=1e-3)  # a different view, indeed
+    params = {"threshold": float(np.median(maps)), "min_size": 3}
+    scaled.postprocess_params.update(params)
+    many = scaled.predict_many([image, image[::-1].copy()])
+    np.testing.assert_array_equal(many[0], scaled.predict(image))
+    np.testing.assert_array_equal(many[1], scaled.predict(image[::-1].copy()))
+    with pytest.raises(ValueError, match="input_scale must be a number > 0, got 0.0"):
+        Predictor(config, variables, input_scale=0.0)
 
 
 def test_tile_ownership_cuts_each_overlap_in_the_middle():

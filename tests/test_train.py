@@ -215,6 +215,7 @@ def test_a_checkpoint_of_an_earlier_nucjax_reloads_with_the_keys_added_since(tmp
     ("optim.learning_rate=-1.0", "'optim.learning_rate' must be a number > 0, got -1.0"),
     ("optim.learning_rate=nan", "'optim.learning_rate' must be a number > 0, got nan"),
     ("optim.b2=1.0", "'optim.b2' must be in [0, 1)"),
+    ("data.input_scale=0.0", "'data.input_scale' must be a number > 0, got 0.0"),
     ("train.best_metric=foo", "'train.best_metric' must be one of the validation metrics"),
     ("precision=float16", "'precision' must be 'float32' or 'bfloat16'"),
 ])

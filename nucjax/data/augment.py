@@ -15,12 +15,14 @@ def augment(
     crop_size: int,
     *,
     levels: Callable[[np.ndarray], np.ndarray] | None = None,
+    zoom: float = 1.0,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """A random S x S view (S = crop_size) of image [H, W, 3] and label int[H, W]: (image f32[S, S, 3],
     label int32[S, S], valid f32[S, S], intensity f32[6]); `config` is the run config's `data.augment`. Float
     images are taken as already normalised (`pipeline.normalize_image`), integer ones are normalised here. The
     image is the geometric view only; `intensity` holds the image's drawn intensity changes (`draw_intensity`),
-    which `nucjax.intensity.apply` makes on the device.
+    which `nucjax.intensity.apply` makes on the device. `zoom` (the run's `data.input_scale`) multiplies the
+    random zoom, so that training sees the magnification that prediction gives the network.
 
     `levels` (with `pipeline.image_levels`' pixels [H, W, 1 or 3] as `image`) normalises only the pixels the crop
     reads, before they are interpolated: the result is that of augmenting the whole normalised image. Grey pixels
@@ -28,7 +30,7 @@ def augment(
     the same arithmetic as three equal channels would get, so the output does not depend on these shortcuts.
     """
     image, label, levels = _check(image, label, levels)
-    scale = _scale(rng, config.scale_range)
+    scale = _scale(rng, config.scale_range) * zoom
     ys, xs = _window(label, rng, config.nuclei_crop_prob, crop_size, scale)
     image, label, valid = _resample(image, label, ys, xs, exact=scale == 1.0, levels=levels)
     if config.flip:

@@ -164,7 +164,8 @@ class _Prepare(grain.transforms.RandomMap):
         """The training example: geometric augmentation, the drawn intensity changes (made on the device by
         `nucjax.intensity` in the train step), targets."""
         image, label, valid, intensity = augment.augment(pixels, label, rng, self._data.augment,
-                                                         self._data.crop_size, levels=levels)
+                                                         self._data.crop_size, levels=levels,
+                                                         zoom=self._data.input_scale)
         out = {"image": image, "valid": valid, "intensity": intensity,
                **_valid_targets(label, valid, self._names, self._targets)}
         if self._compact:
