@@ -116,14 +116,12 @@ def funnel(label: np.ndarray, proposals: np.ndarray, refined: np.ndarray, kept: 
         iou = _box_iou(boxes, candidates)
         return iou.max(axis=1) >= min_iou if iou.shape[1] else np.zeros(len(ids), bool)
 
-    area = np.bincount(label.ravel(), minlength=int(ids.max(initial=0)) + 1)[ids] if ids.size else np.zeros(0)
-    pred_area = np.bincount(predicted.ravel())
-    both = (label > 0) & (predicted > 0)
-    pairs, shared = np.unique(np.stack([label[both], predicted[both]]), axis=1, return_counts=True)
-    iou = shared / (area[np.searchsorted(ids, pairs[0])] + pred_area[pairs[1]] - shared) if shared.size else shared
-    segmented = np.isin(ids, pairs[0][iou > 0.5])
+    overlap = metrics.overlap_table(label, predicted)  # areas and pair IoUs, true nuclei in increasing id (as `ids`)
+    segmented = np.zeros(len(ids), bool)
+    segmented[overlap.true_idx[overlap.iou > 0.5]] = True
     return {"proposed": found(proposals), "refined": found(refined), "scored": found(np.asarray(refined)[kept]),
-            "detected": found(detections), "segmented": segmented, "diameter": 2 * np.sqrt(area / np.pi),
+            "detected": found(detections), "segmented": segmented,
+            "diameter": 2 * np.sqrt(overlap.area_true / np.pi),
             "touching": np.isin(ids, touching_ids(label))}
 
 

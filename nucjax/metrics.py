@@ -88,7 +88,7 @@ def _check_error_iou(error_iou: float) -> float:
 
 
 @dataclasses.dataclass(frozen=True)
-class _Overlap:
+class Overlap:
     """Objects (in increasing id order) and every (true, pred) pair sharing a pixel, sorted by (true, pred)."""
 
     area_true: np.ndarray  # int64[n_true]
@@ -109,8 +109,10 @@ def _compact(labels: np.ndarray) -> tuple[np.ndarray, int]:
     return codes, len(ids)
 
 
-def _overlap(gt: np.ndarray, pred: np.ndarray) -> _Overlap:
-    """The label-overlap table of two validated label images, from one bincount over a combined index."""
+def overlap_table(gt: np.ndarray, pred: np.ndarray) -> Overlap:
+    """The label-overlap table of two label images (non-negative integers of one shape, unchecked: `match` and
+    `evaluate` check theirs), from one bincount over a combined index. Its true_idx and pred_idx index the objects
+    present in each image, in increasing id."""
     limit = 4 * gt.size + 2**16
     n_gt, n_pred = int(gt.max()) + 1, int(pred.max()) + 1
     if n_gt * n_pred > limit:
@@ -136,7 +138,7 @@ def _overlap(gt: np.ndarray, pred: np.ndarray) -> _Overlap:
         true_idx, pred_idx, inter = rows[both] - 1, cols[both] - 1, counts[both]
     inter = inter.astype(np.int64)
     union = area_true[true_idx] + area_pred[pred_idx] - inter
-    return _Overlap(area_true, area_pred, true_idx, pred_idx, inter, union, inter / union)
+    return Overlap(area_true, area_pred, true_idx, pred_idx, inter, union, inter / union)
 
 
 def _is_one_to_one(true_idx: np.ndarray, pred_idx: np.ndarray) -> bool:
@@ -144,7 +146,7 @@ def _is_one_to_one(true_idx: np.ndarray, pred_idx: np.ndarray) -> bool:
     return bool(np.all(true_idx[1:] != true_idx[:-1])) and len(np.unique(pred_idx)) == len(pred_idx)
 
 
-def _stardist_matching(ov: _Overlap, thresholds: tuple[float, ...]) -> tuple[np.ndarray, np.ndarray]:
+def _stardist_matching(ov: Overlap, thresholds: tuple[float, ...]) -> tuple[np.ndarray, np.ndarray]:
     """Per threshold: int64[T] matches and float32[T] sum of their IoUs, exactly as `stardist.matching.matching`.
 
     A pair may match when its IoU (float64 division rounded to float32, as StarDist) is >= the threshold; the
@@ -176,7 +178,7 @@ def _stardist_matching(ov: _Overlap, thresholds: tuple[float, ...]) -> tuple[np.
     return tp, score_sum
 
 
-def _aji_parts(ov: _Overlap) -> tuple[int, int]:
+def _aji_parts(ov: Overlap) -> tuple[int, int]:
     """(intersection, union) sums of AJI (Kumar et al. 2017), as HoVer-Net's `get_fast_aji` but with exact IoUs.
 
     Each true object is paired with the prediction of highest IoU (ties: the lower prediction id; a prediction
@@ -190,7 +192,7 @@ def _aji_parts(ov: _Overlap) -> tuple[int, int]:
     return _pairs_parts(ov, best)
 
 
-def _pairs_parts(ov: _Overlap, pairs: np.ndarray) -> tuple[int, int]:
+def _pairs_parts(ov: Overlap, pairs: np.ndarray) -> tuple[int, int]:
     """(sum of intersections, sum of unions plus the areas of objects in no pair) for these pair indices."""
     unpaired_true = np.ones(len(ov.area_true), bool)
     unpaired_true[ov.true_idx[pairs]] = False
@@ -213,7 +215,7 @@ def _components(true_idx: np.ndarray, pred_idx: np.ndarray, n_true: int) -> np.n
         label = new
 
 
-def _aji_plus_parts(ov: _Overlap) -> tuple[int, int]:
+def _aji_plus_parts(ov: Overlap) -> tuple[int, int]:
     """(intersection, union) sums of AJI+ (Graham et al. 2019), as HoVer-Net's `get_fast_aji_plus` (exact IoUs).
 
     True objects and predictions are paired one-to-one maximising the total IoU (linear assignment, solved
@@ -298,7 +300,7 @@ def _image_stats(
     gt: np.ndarray, pred: np.ndarray, thresholds: tuple[float, ...], error_iou: float, name: str | None, where: str
 ) -> ImageStats:
     gt, pred = _label_pair(gt, pred, where)
-    ov = _overlap(gt, pred)
+    ov = overlap_table(gt, pred)
     n_true, n_pred = len(ov.area_true), len(ov.area_pred)
     tp, score_sum = _stardist_matching(ov, thresholds)
     hit = ov.iou > error_iou
@@ -382,7 +384,7 @@ def match(gt: np.ndarray, pred: np.ndarray, thresholds: Sequence[float] = DEFAUL
     """
     thresholds = _check_thresholds(thresholds)
     gt, pred = _label_pair(gt, pred, "image")
-    ov = _overlap(gt, pred)
+    ov = overlap_table(gt, pred)
     n_true, n_pred = len(ov.area_true), len(ov.area_pred)
     tp, score_sum = _stardist_matching(ov, thresholds)
     columns = {"tp": tp, "fp": n_pred - tp, "fn": n_true - tp}
