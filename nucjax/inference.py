@@ -59,6 +59,9 @@ def tile_ownership(length: int, tile: int, overlap: int) -> list[tuple[int, floa
 class Predictor:
     """Runs a trained variant on images: `predict_outputs` gives the network's maps, `predict` a label image.
 
+    With `tta` (default: the run's `predict.tta`; dense variants only) the maps are the mean of the network's maps
+    of the image's 8 flips and 90° rotations, each turned back.
+
     Images larger than `tile_size` are cut into tiles overlapping by `tile_overlap` (multiples of the network's
     stride), run `tile_batch` at a time, and blended (zero weight on each tile's outer overlap/4, then a ramp)
     before post-processing. A detector's tiles (the same cut) each keep the detections whose box centre they own
@@ -88,6 +91,9 @@ class Predictor:
         self.tile_overlap = int(tile_overlap if tile_overlap is not None else config.predict.tile_overlap)
         self.tile_batch = int(tile_batch or config.predict.tile_batch)
         self.tta = bool(config.predict.tta if tta is None else tta)
+        if self.tta and not self.variant.dense:
+            raise ValueError(f"test-time augmentation (predict.tta) averages per-pixel maps; the {config.variant!r} "
+                             "variant is a detector and has none: predict without it")
         self.input_scale = float(config.data.input_scale if input_scale is None else input_scale)
         if not self.input_scale > 0:
             raise ValueError(f"input_scale must be a number > 0, got {self.input_scale}")

@@ -1,6 +1,7 @@
 """The maskrcnn variant on the shared entry points: train, evaluate and predict CLIs with configs/maskrcnn.py."""
 
 import numpy as np
+import pytest
 import tifffile
 
 from experiments import maskrcnn_limits
@@ -39,6 +40,9 @@ def test_maskrcnn_trains_evaluates_and_predicts_through_the_clis(tmp_path, data_
     np.testing.assert_array_equal(got["valid"], on_magnified["valid"])
     np.testing.assert_allclose(got["boxes"], on_magnified["boxes"] / 2, rtol=1e-6)
     assert tuple(got["size"]) == (64, 80) and scaled.predict(image).shape == (64, 80)
+    # Test-time augmentation averages per-pixel maps: a detector refuses it instead of ignoring it.
+    with pytest.raises(ValueError, match=r"predict.tta\) averages per-pixel maps; the 'maskrcnn' variant is a detector"):
+        checkpoint.load(workdir, tta=True)
 
     # Tiled detection: 5 copies of a 64x32 pattern in tiles 64 wide overlapping by 32 (starts 0, 32, 64, 96; they
     # own x in [0, 48), [48, 80), [80, 112), [112, 160)). Every tile sees the same crop (two periods: the same

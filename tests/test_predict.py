@@ -332,6 +332,37 @@ def test_input_scale_runs_the_network_on_the_magnified_image(data_dir):
         Predictor(config, variables, input_scale=0.0)
 
 
+def _view(x: np.ndarray, turns: int, flip: bool) -> np.ndarray:
+    """One of the 8 symmetries of the square applied to an image [H, W, ...]: `turns` quarter turns, then a mirror."""
+    x = np.rot90(x, turns, axes=(0, 1))
+    return np.ascontiguousarray(x[:, ::-1] if flip else x)
+
+
+def _unview(y: np.ndarray, turns: int, flip: bool) -> np.ndarray:
+    """The inverse of `_view`: mirror back, then turn back."""
+    return np.rot90(y[:, ::-1] if flip else y, -turns, axes=(0, 1))
+
+
+def test_tta_averages_the_eight_flips_and_rotations(data_dir):
+    """predict.tta: the maps are the mean of the plain network's maps of the 8 views of the image, each turned back;
+    hence a rotated or mirrored image gives rotated or mirrored maps, which the plain network's are not."""
+    config = tiny_config(data_dir, "variant=unet_boundary")  # two map channels, GroupNorm
+    module = variants.get(config.variant).model(config)
+    variables = module.init(jax.random.PRNGKey(0), np.zeros((1, 4, 4, 3), np.float32), train=False)
+    image, _ = synthetic.generate(0, height=48, width=64)  # not square; sides multiples of the stride (no padding)
+    plain = Predictor(config, variables, tile_size=128, tile_overlap=0)
+    tta = Predictor(config, variables, tile_size=128, tile_overlap=0, tta=True)
+    views = [(turns, flip) for turns in range(4) for flip in (False, True)]
+    expected = np.mean([_unview(plain.predict_outputs(_view(image, *v))["maps"], *v) for v in views], axis=0)
+    maps = tta.predict_outputs(image)["maps"]
+    assert maps.shape == (48, 64, 2)
+    np.testing.assert_allclose(maps, expected, atol=1e-5)
+    for v in views[1:]:
+        np.testing.assert_allclose(tta.predict_outputs(_view(image, *v))["maps"], _view(maps, *v), atol=1e-5)
+    turned = plain.predict_outputs(_view(image, 1, False))["maps"]
+    assert not np.allclose(turned, _view(plain.predict_outputs(image)["maps"], 1, False), atol=1e-3)
+
+
 def test_tile_ownership_cuts_each_overlap_in_the_middle():
     from nucjax.inference import tile_ownership
 
