@@ -344,7 +344,10 @@ def execute(run: Run, budget_name: str, budget: ml_collections.ConfigDict, rows:
             context: Mapping[str, Any]) -> dict | None:
     """Trains (or resumes) the run unless its final checkpoint exists, then tunes, evaluates and measures it; None
     when the run is finished: the results file has its row (same run, same overrides), wherever it was trained. The
-    row alone is the record, so a study can go on on another machine with only the results file carried over."""
+    row alone is the record, so a study can go on on another machine with only the results file carried over.
+
+    The checkpoint predicts with the run's `predict.*` settings (tiles, TTA), so another results file with
+    `--override predict.tta=True` re-evaluates finished trainings with TTA (storing its tuning beside them)."""
     from nucjax import checkpoint, data, train
     from nucjax.inference import tune_postprocess
 
@@ -369,12 +372,13 @@ def execute(run: Run, budget_name: str, budget: ml_collections.ConfigDict, rows:
     _say(f"{run.method} seed {run.seed}: tuning post-processing on {budget.tune_split}, evaluating on "
          f"{budget.eval_split}")
     with PeakRss() as rss:
-        predictor = checkpoint.load(workdir, "best")
+        settings = {key: config.predict[key] for key in ("tile_size", "tile_overlap", "tile_batch", "tta")}
+        predictor = checkpoint.load(workdir, "best", **settings)
         tuned = None
         if predictor.variant.postprocess_name is not None:  # stored beside the checkpoint; reloaded to apply it
             tuned = tune_postprocess(predictor, data.source_for(config, budget.tune_split), limit=budget.tune_images,
                                      progress=False)
-            predictor = checkpoint.load(workdir, "best")
+            predictor = checkpoint.load(workdir, "best", **settings)
         result = evaluate_predictions(predictor.predict, data.source_for(config, budget.eval_split),
                                       compiled_per_shape=True)
         n_params, flops = train.model_cost(predictor.variant, predictor.module, predictor.variables, predictor.config,
@@ -387,6 +391,7 @@ def execute(run: Run, budget_name: str, budget: ml_collections.ConfigDict, rows:
         "checkpoint_step": predictor.step,
         "final_step": config.train.steps,
         "train_images_seen": config.train.steps * config.train.batch_size,
+        "prediction": settings,
         "postprocess": {"params": predictor.postprocess_params,
                         "validation_score": tuned[1] if tuned is not None else None},
         **result,
@@ -653,7 +658,7 @@ def crowded_crops(rows: Sequence[Mapping], budget: ml_collections.ConfigDict,
             predictors[row["method"]] = (lambda name, params: lambda im: classical.segment(name, im, params))(
                 row["variant"], row["postprocess"]["params"])
         elif (pathlib.Path(row["workdir"]) / checkpoint.CHECKPOINT_DIR).is_dir():  # not when trained elsewhere
-            predictors[row["method"]] = checkpoint.load(row["workdir"], "best").predict
+            predictors[row["method"]] = checkpoint.load(row["workdir"], "best", **row.get("prediction", {})).predict
     crops = []
     for i in chosen:
         example = source[int(i)]

@@ -12,12 +12,13 @@ import multiprocessing
 import pathlib
 import sys
 from collections.abc import Iterator, Mapping, Sequence
+from typing import Any
 from concurrent.futures import ProcessPoolExecutor
 
 import numpy as np
 from tqdm import tqdm
 
-from nucjax import metrics
+from nucjax import cli, metrics
 from nucjax.data import io
 
 Source = pathlib.Path | np.ndarray | None
@@ -204,9 +205,11 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--checkpoint", type=pathlib.Path, metavar="DIR",
                         help="a training workdir (or a checkpoint in it) to evaluate instead of --gt/--pred")
     parser.add_argument("--split", default="validation", help="with --checkpoint: the split (validation, test, holdout)")
-    parser.add_argument("--step", default="best", help="with --checkpoint: best, latest or a step number")
+    parser.add_argument("--step", type=cli.step, default="best",
+                        help="with --checkpoint: best (default), latest or a step number")
     parser.add_argument("--tune", action="store_true",
-                        help="with --checkpoint: first tune post-processing on the validation split and store it")
+                        help="with --checkpoint: first tune post-processing on the validation split (predicted with "
+                             "the prediction options below) and store it beside the checkpoint")
     parser.add_argument("--limit", type=int, default=0, metavar="N", help="with --checkpoint: only the first N images")
     parser.add_argument("--report", type=pathlib.Path, metavar="DIR", help="with --checkpoint: also write PNG figures")
     parser.add_argument(
@@ -223,6 +226,7 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--csv", type=pathlib.Path, metavar="FILE", help="write one row per image here")
     parser.add_argument("--workers", type=int, default=0, metavar="N", help="worker processes (0 or 1: none)")
     parser.add_argument("--missing-as-empty", action="store_true", help="score an image missing on one side as empty")
+    cli.add_prediction_arguments(parser)
     from nucjax import distributed
 
     distributed.add_arguments(parser)
@@ -243,8 +247,9 @@ def _write_outputs(report: metrics.Report, json_path: pathlib.Path | None, csv_p
 def evaluate_checkpoint(path: str | pathlib.Path, split: str = "validation", *, step: int | str = "best",
                         limit: int = 0, tune: bool = False, report_dir: str | pathlib.Path | None = None,
                         thresholds: Sequence[float] = metrics.DEFAULT_THRESHOLDS, error_iou: float = 0.7,
-                        progress: bool = True) -> metrics.Report:
-    """Runs the checkpoint's Predictor on a split of its own dataset and scores it (optionally tuning first).
+                        progress: bool = True, predictor_options: Mapping[str, Any] | None = None) -> metrics.Report:
+    """Runs the checkpoint's Predictor on a split of its own dataset and scores it (optionally tuning first);
+    `predictor_options` go to `checkpoint.load` (tile_size, tile_overlap, tta, input_scale).
 
     With several processes (`nucjax.distributed`) each predicts its share of the split and every process returns
     the whole Report; tuning runs in each (same result), and process 0 alone stores it and writes the figures."""
@@ -254,7 +259,7 @@ def evaluate_checkpoint(path: str | pathlib.Path, split: str = "validation", *, 
     from nucjax.inference import evaluate_source, tune_postprocess
 
     first = jax.process_index() == 0
-    predictor = checkpoint.load(path, step=step)
+    predictor = checkpoint.load(path, step=step, **(predictor_options or {}))
     source, validation = distributed.process_0_first(lambda: (
         data.source_for(predictor.config, split),
         data.source_for(predictor.config, predictor.config.data.eval_split) if tune else None,
@@ -281,6 +286,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error("give either --checkpoint DIR, or both --gt PATH and --pred PATH")
     if args.checkpoint is not None:
         return _main_checkpoint(args)
+    given = [name for name, value in cli.prediction_options(args).items() if value is not None]
+    if given:
+        parser.error(f"--{given[0].replace('_', '-')} needs --checkpoint (it sets how a checkpoint predicts)")
     try:
         report = evaluate_folders(
             args.gt,
@@ -312,7 +320,8 @@ def _main_checkpoint(args: argparse.Namespace) -> int:
         with quiet_libraries():
             report = evaluate_checkpoint(args.checkpoint, args.split, step=args.step, limit=args.limit,
                                          tune=args.tune, report_dir=args.report,
-                                         thresholds=args.thresholds, error_iou=args.error_iou)
+                                         thresholds=args.thresholds, error_iou=args.error_iou,
+                                         predictor_options=cli.prediction_options(args))
         if jax.process_index() == 0:
             print(report.summary())
             _write_outputs(report, args.json, args.csv)

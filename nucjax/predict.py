@@ -22,7 +22,7 @@ from skimage.measure import regionprops_table
 from skimage.segmentation import find_boundaries
 from tqdm import tqdm
 
-from nucjax import checkpoint, distributed
+from nucjax import checkpoint, cli, distributed
 from nucjax.data import io
 from nucjax.data.pipeline import normalize_image
 from nucjax.inference import Predictor
@@ -204,24 +204,6 @@ def predict_files(predictor: Predictor, plans: Sequence[OutputPaths], *, rle: st
     return failed
 
 
-def _step(text: str) -> int | str:
-    if text in ("best", "latest"):
-        return text
-    if text.isdigit():
-        return int(text)
-    raise argparse.ArgumentTypeError(f"{text!r}: expected best, latest or a step number")
-
-
-def _positive(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        value = float("nan")
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"{text!r}: expected a number > 0")
-    return value
-
-
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m nucjax.predict",
@@ -233,19 +215,14 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--input", required=True, nargs="+", metavar="PATH",
                         help="image files, globs or folders of PNG/TIFF/JPEG images")
     parser.add_argument("--output", required=True, type=pathlib.Path, metavar="DIR", help="folder for the outputs")
-    parser.add_argument("--step", type=_step, default="best", help="best (default), latest or a step number")
+    parser.add_argument("--step", type=cli.step, default="best", help="best (default), latest or a step number")
     parser.add_argument("--format", choices=FORMATS, default="tif",
                         help="label image format: tif (32-bit, default; Fiji/napari open it as labels), png, npy")
     parser.add_argument("--overlay", action="store_true", help="also write <name>_overlay.png with outlined nuclei")
     parser.add_argument("--table", action="store_true", help="also write <name>.csv of per-nucleus measurements")
     parser.add_argument("--rle", type=pathlib.Path, metavar="FILE", help="also write a Kaggle submission CSV (ImageId,EncodedPixels)")
-    parser.add_argument("--tile-size", type=int, help="tile size (default: the checkpoint's)")
-    parser.add_argument("--tile-overlap", type=int, help="tile overlap (default: the checkpoint's)")
-    parser.add_argument("--tta", action="store_true", help="average the 8 flips/rotations (8x slower)")
-    parser.add_argument("--input-scale", type=_positive, metavar="S",
-                        help="magnify images S times before the network (default: the checkpoint's data.input_scale); "
-                             "2 for images whose nuclei are half as wide as in the training images")
     parser.add_argument("--overwrite", action="store_true", help="replace outputs that already exist")
+    cli.add_prediction_arguments(parser)
     distributed.add_arguments(parser)
     return parser
 
@@ -264,9 +241,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if not args.overwrite:
             check_not_written([f for p in plans for f in p.files()] + ([args.rle] if args.rle else []))
         distributed.barrier("nucjax: outputs checked")  # no process writes before every process has checked
-        predictor = checkpoint.load(args.checkpoint, step=args.step, tile_size=args.tile_size,
-                                    tile_overlap=args.tile_overlap, tta=True if args.tta else None,
-                                    input_scale=args.input_scale)
+        predictor = checkpoint.load(args.checkpoint, step=args.step, **cli.prediction_options(args))
         failed = predict_files(predictor, plans, rle=args.rle)
         if jax.process_index() == 0:
             print(f"{len(plans) - len(failed)} of {len(plans)} images segmented into {args.output}", file=sys.stderr)

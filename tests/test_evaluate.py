@@ -224,3 +224,21 @@ def test_dsb2018_masks_against_their_own_rle(tmp_path, dsb2018, capsys):
     result = json.loads((tmp_path / "r.json").read_text())
     assert status == 0 and result["dsb2018_score"] == 1.0
     assert [r["n_true"] for r in result["per_image"]] == [len(list((root / i / "masks").glob("*.png"))) for i in ids]
+
+
+def test_checkpoint_mode_predicts_with_the_prediction_options(tmp_path, trained_workdir):
+    """--tta and the tile options reach the checkpoint's Predictor: the report is that Predictor's, not the plain one's."""
+    from nucjax import checkpoint, data
+    from nucjax.inference import evaluate_source
+
+    out = tmp_path / "tta.json"
+    argv = ["--checkpoint", trained_workdir, "--split", "train", "--tta", "--tile-size", 32, "--tile-overlap", 8,
+            "--json", out]
+    assert evaluate.main([str(a) for a in argv]) == 0
+    options = {"tta": True, "tile_size": 32, "tile_overlap": 8}
+    source = data.source_for(checkpoint.load(trained_workdir).config, "train")
+    expected, _ = evaluate_source(checkpoint.load(trained_workdir, **options), source)
+    plain, _ = evaluate_source(checkpoint.load(trained_workdir), source)
+    got = json.loads(out.read_text())
+    assert got == json.loads(json.dumps(expected.to_dict()))
+    assert got["dsb2018_score"] != pytest.approx(plain.dsb2018_score)

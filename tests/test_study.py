@@ -176,6 +176,21 @@ def test_study_end_to_end_writes_rows_tables_figures_and_skips_finished_runs(tmp
     assert [r for r in again if r["method"] != "unet_boundary"] == kept
     assert {m: (work / f"{m}-s0" / "metrics.jsonl").read_text() for m in logs} == logs
 
+    # Another results file with a prediction setting overridden: the finished training is tuned and evaluated
+    # again with it (TTA), not retrained, and the row is what the checkpoint scores with that setting.
+    tta_results = tmp_path / "results-tta"
+    argv_tta = [*argv[:argv.index("--results-dir")], "--results-dir", str(tta_results), "--figures-dir",
+                str(figures), "--no-classical", "--override", "predict.tta=True"]
+    argv_tta[argv_tta.index("unet_mask,unet_boundary")] = "unet_boundary"
+    assert study.main(argv_tta) == 0
+    (row,) = study.read_rows(tta_results / "tiny.jsonl")
+    assert row["prediction"]["tta"] is True and "predict.tta=True" in row["overrides"]
+    assert (work / "unet_boundary-s0" / "metrics.jsonl").read_text() == logs["unet_boundary"]
+    with_tta = checkpoint.load(row["workdir"], tta=True)
+    assert with_tta.postprocess_params == row["postprocess"]["params"]
+    report, _ = evaluate_source(with_tta, holdout)
+    assert report.dsb2018_score == pytest.approx(row["dsb2018_score"])
+
 
 def test_runs_carry_the_budget_the_chosen_stain_setting_and_their_seed(tmp_path):
     _, budget = study.load_budget("cpu")
