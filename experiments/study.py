@@ -772,12 +772,13 @@ def run_study(args: argparse.Namespace, command: str) -> list[pathlib.Path]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    from nucjax.checkpoint import quiet_libraries
     from nucjax.train import TrainingError
 
     argv = sys.argv[1:] if argv is None else list(argv)
     args = parse_args(argv)
     try:
-        with compilation_cache(pathlib.Path(args.workdir) / "jax_cache"):
+        with compilation_cache(pathlib.Path(args.workdir) / "jax_cache"), quiet_libraries():  # as nucjax.train's
             run_study(args, "python -m experiments.study " + " ".join(argv))
     except (ValueError, TrainingError) as e:  # StudyError, ConfigError, CheckpointError, bad data, a NaN loss
         print(f"error: {e}", file=sys.stderr)
