@@ -12,8 +12,8 @@ import multiprocessing
 import pathlib
 import sys
 from collections.abc import Iterator, Mapping, Sequence
-from typing import Any
 from concurrent.futures import ProcessPoolExecutor
+from typing import Any
 
 import numpy as np
 from tqdm import tqdm
