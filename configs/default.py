@@ -93,6 +93,6 @@ def get_config() -> ml_collections.ConfigDict:
     config.predict.tile_size = 512
     config.predict.tile_overlap = 64
     config.predict.tile_batch = 4
-    config.predict.tta = False  # average the maps of the 8 flips and quarter turns (8x slower; dense variants only)
+    config.predict.tta = False  # 8 flips and quarter turns (8x slower): maps averaged, or detections fused
     config.lock()  # a misspelt key in a config file fails at once instead of being silently added
     return config

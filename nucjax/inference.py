@@ -46,6 +46,20 @@ def _axis_tiles(length: int, tile: int, overlap: int) -> tuple[list[tuple[int, n
     return tiles, total
 
 
+VIEWS = tuple((turns, flip) for turns in range(4) for flip in (False, True))  # the 8 symmetries of the square
+
+
+def view(x: np.ndarray, turns: int, flip: bool) -> np.ndarray:
+    """Images [B, H, W, ...] turned by `turns` quarter turns (np.rot90), then mirrored left-right if `flip`."""
+    x = np.rot90(x, turns, axes=(1, 2))
+    return np.ascontiguousarray(x[:, :, ::-1] if flip else x)
+
+
+def unview(y: np.ndarray, turns: int, flip: bool) -> np.ndarray:
+    """The inverse of `view` on maps [B, h, w, ...]: mirrored back, then turned back."""
+    return np.rot90(y[:, :, ::-1] if flip else y, -turns, axes=(1, 2))
+
+
 def tile_ownership(length: int, tile: int, overlap: int) -> list[tuple[int, float, float]]:
     """(start, low, high) of the tiles along one axis: each tile owns [low, high), the axis cut at the middle of
     each overlap, so every position belongs to one tile and lies at least overlap/2 inside it (or on the image
@@ -59,8 +73,9 @@ def tile_ownership(length: int, tile: int, overlap: int) -> list[tuple[int, floa
 class Predictor:
     """Runs a trained variant on images: `predict_outputs` gives the network's maps, `predict` a label image.
 
-    With `tta` (default: the run's `predict.tta`; dense variants only) the maps are the mean of the network's maps
-    of the image's 8 flips and 90° rotations, each turned back.
+    With `tta` (default: the run's `predict.tta`) the network sees the image's 8 flips and quarter turns (`VIEWS`):
+    a dense variant's maps are the mean of the 8 maps, each turned back; a detector's detections of the 8 views,
+    turned back, are fused into one set (`maskrcnn.inference.fuse_views`, at the model's `detection_nms_iou`).
 
     Images larger than `tile_size` are cut into tiles overlapping by `tile_overlap` (multiples of the network's
     stride), run `tile_batch` at a time, and blended (zero weight on each tile's outer overlap/4, then a ramp)
@@ -91,9 +106,6 @@ class Predictor:
         self.tile_overlap = int(tile_overlap if tile_overlap is not None else config.predict.tile_overlap)
         self.tile_batch = int(tile_batch or config.predict.tile_batch)
         self.tta = bool(config.predict.tta if tta is None else tta)
-        if self.tta and not self.variant.dense:
-            raise ValueError(f"test-time augmentation (predict.tta) averages per-pixel maps; the {config.variant!r} "
-                             "variant is a detector and has none: predict without it")
         self.input_scale = float(config.data.input_scale if input_scale is None else input_scale)
         if not self.input_scale > 0:
             raise ValueError(f"input_scale must be a number > 0, got {self.input_scale}")
@@ -114,14 +126,10 @@ class Predictor:
         if not self.tta:
             return np.asarray(self._apply(self.variables, batch)["maps"], np.float32)
         total = 0.0
-        for k in range(4):
-            for flip in (False, True):
-                x = np.rot90(batch, k, axes=(1, 2))
-                x = x[:, :, ::-1] if flip else x
-                y = np.asarray(self._apply(self.variables, np.ascontiguousarray(x))["maps"], np.float32)
-                y = y[:, :, ::-1] if flip else y
-                total = total + np.rot90(y, -k, axes=(1, 2))
-        return total / 8.0
+        for turns, flip in VIEWS:
+            total = total + unview(np.asarray(self._apply(self.variables, view(batch, turns, flip))["maps"],
+                                              np.float32), turns, flip)
+        return total / len(VIEWS)
 
     def _padded_run(self, images: np.ndarray) -> np.ndarray:
         """Pads float32[B, H, W, 3] by reflection to a multiple of the stride, runs, crops back."""
@@ -157,13 +165,30 @@ class Predictor:
                                             anti_aliasing=False).astype(np.float32)
         return {"maps": maps}
 
+    def _detect(self, crops: np.ndarray) -> list[dict[str, np.ndarray]]:
+        """A detector's outputs for each of normalised crops float32[B, h, w, 3], in the crop's coordinates; with
+        `tta`, the fusion of the detections of its 8 views."""
+        from nucjax.models.maskrcnn.inference import fuse_views, unview_detections
+
+        def run(x: np.ndarray) -> list[dict[str, np.ndarray]]:
+            out = jax.device_get(self._apply(self.variables, x))
+            return [{key: np.asarray(v[k]) for key, v in out.items()} for k in range(len(x))]
+
+        if not self.tta:
+            return run(crops)
+        per_view = []
+        for turns, flip in VIEWS:
+            x = view(crops, turns, flip)
+            per_view.append([unview_detections(d, turns, flip, x.shape[1:3]) for d in run(x)])
+        return [fuse_views(views, self.config.model.detection_nms_iou) for views in zip(*per_view)]
+
     def _detections(self, x: np.ndarray) -> dict[str, np.ndarray]:
         """A detector's outputs for one normalised image float32[H, W, 3], in image coordinates: the whole image
         when it fits one tile, otherwise every tile's detections with `valid` kept only where the tile owns the
-        box centre (D = tiles × detections per tile)."""
+        box centre."""
         h, w, _ = x.shape
         if max(h, w) <= self.tile_size:
-            return {k: np.asarray(v[0]) for k, v in jax.device_get(self._apply(self.variables, x[None])).items()}
+            return self._detect(x[None])[0]
         t, o = self.tile_size, self.tile_overlap
         tiles = [(y, y_range, x0, x_range) for y, *y_range in tile_ownership(h, t, o)
                  for x0, *x_range in tile_ownership(w, t, o)]
@@ -171,13 +196,11 @@ class Predictor:
         for i in range(0, len(tiles), self.tile_batch):
             chunk = tiles[i:i + self.tile_batch]
             crops = np.stack([x[y:y + t, x0:x0 + t] for y, _, x0, _ in chunk])
-            out = jax.device_get(self._apply(self.variables, crops))
-            for k, (y, (y_low, y_high), x0, (x_low, x_high)) in enumerate(chunk):
-                boxes = np.asarray(out["boxes"][k]) + np.array([y, x0, y, x0], np.float32)
+            for out, (y, (y_low, y_high), x0, (x_low, x_high)) in zip(self._detect(crops), chunk):
+                boxes = out["boxes"] + np.array([y, x0, y, x0], np.float32)
                 cy, cx = (boxes[:, 0] + boxes[:, 2]) / 2, (boxes[:, 1] + boxes[:, 3]) / 2
                 owned = (y_low <= cy) & (cy < y_high) & (x_low <= cx) & (cx < x_high)
-                parts.append({**{key: np.asarray(v[k]) for key, v in out.items()}, "boxes": boxes,
-                              "valid": np.asarray(out["valid"][k]) & owned})
+                parts.append({**out, "boxes": boxes, "valid": out["valid"] & owned})
         return {key: np.concatenate([part[key] for part in parts]) for key in parts[0]}
 
     def _tiled(self, x: np.ndarray) -> np.ndarray:

@@ -144,7 +144,8 @@ def three_class(maps: np.ndarray, params: dict[str, Any]) -> np.ndarray:
     keys=("threshold", "min_score", "min_visible", "min_size"),
     grid={
         "threshold": _THRESHOLD_GRID,
-        "min_score": [0.0, 0.6, 0.7, 0.8, 0.9],  # 0: what the detector kept (its own model.score_threshold)
+        # 0: what the detector kept (its own model.score_threshold, 0.5); below it, for scores fused over TTA's views
+        "min_score": [0.0, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9],
         "min_visible": [0.0, 0.25, 0.5, 0.7, 0.8, 0.9],
         "min_size": _MIN_SIZE_GRID,
     },

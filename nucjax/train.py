@@ -65,9 +65,6 @@ def check_config(config: ml_collections.ConfigDict) -> None:
         value = config[section][name]
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not test(value):
             raise config_lib.ConfigError(f"config key {key!r} must be {must}, got {value!r}")
-    if config.predict.tta and not variants.get(config.variant).dense:
-        raise config_lib.ConfigError(f"config key 'predict.tta' must be False for the {config.variant!r} variant: "
-                                     "test-time augmentation averages per-pixel maps, and a detector has none")
     if config.train.best_metric not in VALIDATION_KEYS:
         raise config_lib.ConfigError(f"config key 'train.best_metric' must be one of the validation metrics "
                                      f"{list(VALIDATION_KEYS)}, got {config.train.best_metric!r}")

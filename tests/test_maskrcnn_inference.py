@@ -1,9 +1,12 @@
-"""Tests of nucjax.models.maskrcnn.inference.paste_masks: hand-made overlaps and a per-pixel reference loop."""
+"""Tests of nucjax.models.maskrcnn.inference's NumPy half: paste_masks (hand-made overlaps and a per-pixel
+reference loop), and test-time augmentation's unview_detections and fuse_views (hand-made cases)."""
 
 import numpy as np
 import pytest
 
+from nucjax.inference import VIEWS
 from nucjax.models.maskrcnn import paste_masks
+from nucjax.models.maskrcnn.inference import fuse_views, unview_detections
 
 
 def test_higher_score_wins_overlaps_and_ids_follow_score():
@@ -107,3 +110,54 @@ def test_paste_masks_without_min_visible_matches_the_reference_for_any_order_of_
     valid = np.ones(12, bool)
     np.testing.assert_array_equal(paste_masks(boxes, scores, masks, valid, 30, 30, min_visible=0.0),
                                   _paste_reference(boxes, scores, masks, valid, 30, 30, 0.5))
+
+
+@pytest.mark.parametrize("turns, flip", VIEWS)
+def test_unview_detections_takes_a_views_box_and_mask_back_to_the_image(turns, flip):
+    """An image 10 x 14 holding a 4 x 4 asymmetric pattern at rows 2..5, columns 7..10: in each view (np.rot90,
+    then a mirror) the pattern's bounding box, with its pixels as a 4 x 4 mask, goes back to the original box and
+    pattern."""
+    pattern = np.arange(1, 17, dtype=np.float32).reshape(4, 4)  # all values distinct: any wrong turn shows
+    image = np.zeros((10, 14), np.float32)
+    image[2:6, 7:11] = pattern
+    seen = np.rot90(image, turns)
+    seen = seen[:, ::-1] if flip else seen
+    rows, cols = np.nonzero(seen)
+    y0, x0, y1, x1 = rows.min(), cols.min(), rows.max() + 1, cols.max() + 1
+    detections = {"boxes": np.array([[y0, x0, y1, x1]], np.float32), "masks": seen[None, y0:y1, x0:x1],
+                  "scores": np.array([0.7], np.float32), "valid": np.array([True])}
+    back = unview_detections(detections, turns, flip, seen.shape)
+    np.testing.assert_array_equal(back["boxes"], [[2, 7, 6, 11]])
+    np.testing.assert_array_equal(back["masks"][0], pattern)
+    assert back["scores"][0] == np.float32(0.7) and back["valid"][0]
+
+
+def test_fuse_views_groups_one_detection_per_view_and_averages_boxes_scores_and_masks():
+    """Two views. A's best box and B's [0, 0, 10, 5] (IoU 0.5) form one group; B's [1, 1, 11, 11] overlaps A's
+    box as well but B already has a member there, so it stands alone; A's padding (valid False) is ignored."""
+    m_a1, m_a2 = np.array([[1.0, 0.5], [0.25, 0.0]]), np.full((2, 2), 0.75)
+    m_b1, m_b2 = np.full((2, 2), 0.2), np.array([[0.8, 0.4], [0.6, 1.0]])
+    view_a = {"boxes": np.array([[0, 0, 10, 10], [20, 20, 30, 30], [0, 0, 30, 30]], np.float32),
+              "scores": np.array([0.9, 0.8, 0.99], np.float32), "masks": np.stack([m_a1, m_a2, m_a2]),
+              "valid": np.array([True, True, False])}
+    view_b = {"boxes": np.array([[1, 1, 11, 11], [0, 0, 10, 5]], np.float32),
+              "scores": np.array([0.6, 0.7], np.float32), "masks": np.stack([m_b1, m_b2]),
+              "valid": np.array([True, True])}
+    fused = fuse_views([view_a, view_b], iou=0.5)
+
+    # Group 1: box (0.9 A1 + 0.7 B2) / 1.6: x1 = (9 + 3.5) / 1.6 = 7.8125; score (0.9 + 0.7) / 2 views.
+    # Its mask cells: rows at y 2.5, 7.5 (cells 0, 1 of both sources); columns at x 1.953125, 5.859375: in A1
+    # (x 0..10) mask coordinates 0 (clamped from -0.109) and 0.671875; in B2 (x 0..5) 0.28125, and outside.
+    col_a = np.stack([m_a1[:, 0], 0.328125 * m_a1[:, 0] + 0.671875 * m_a1[:, 1]], axis=1)
+    col_b = np.stack([0.71875 * m_b2[:, 0] + 0.28125 * m_b2[:, 1], np.zeros(2)], axis=1)
+    np.testing.assert_allclose(fused["boxes"], [[0, 0, 10, 7.8125], [20, 20, 30, 30], [1, 1, 11, 11]], rtol=1e-6)
+    np.testing.assert_allclose(fused["scores"], [0.8, 0.4, 0.3], rtol=1e-6)
+    np.testing.assert_allclose(fused["masks"], [(col_a + col_b) / 2, m_a2, m_b1], rtol=1e-6)
+    assert fused["valid"].tolist() == [True, True, True]
+    # One view alone comes back as it was (its valid detections, best first).
+    alone = fuse_views([view_b], iou=0.5)
+    np.testing.assert_allclose(alone["boxes"], view_b["boxes"][::-1])
+    np.testing.assert_allclose(alone["masks"], view_b["masks"][::-1], rtol=1e-6)
+    # Views without detections fuse into none.
+    empty = {k: v[:0] for k, v in view_b.items()}
+    assert fuse_views([empty, empty], iou=0.5)["boxes"].shape == (0, 4)

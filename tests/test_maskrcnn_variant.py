@@ -7,6 +7,8 @@ import tifffile
 from experiments import maskrcnn_limits
 from nucjax import checkpoint, evaluate, metrics, postprocess, predict, train
 from nucjax.data import io, synthetic
+from nucjax.inference import view
+from nucjax.models.maskrcnn.inference import unview_detections
 from tests.conftest import REPO
 
 TINY_MASKRCNN = (
@@ -40,9 +42,24 @@ def test_maskrcnn_trains_evaluates_and_predicts_through_the_clis(tmp_path, data_
     np.testing.assert_array_equal(got["valid"], on_magnified["valid"])
     np.testing.assert_allclose(got["boxes"], on_magnified["boxes"] / 2, rtol=1e-6)
     assert tuple(got["size"]) == (64, 80) and scaled.predict(image).shape == (64, 80)
-    # Test-time augmentation averages per-pixel maps: a detector refuses it instead of ignoring it.
-    with pytest.raises(ValueError, match=r"predict.tta\) averages per-pixel maps; the 'maskrcnn' variant is a detector"):
-        checkpoint.load(workdir, tta=True)
+    # Test-time augmentation fuses the detections of the image's 8 views: those of a turned or mirrored image are
+    # the same 8 views, so its fused detections, turned back, are the image's; the plain detector's are not. (A
+    # quarter turn and a mirror generate all 8 views.)
+    tta = checkpoint.load(workdir, tta=True)
+    fused = tta.predict_outputs(image)
+    assert fused["valid"].all() and len(fused["scores"]) > 10 and tuple(fused["size"]) == (64, 80)
+    for turns, flip in ((1, False), (0, True)):
+        seen = view(image[None], turns, flip)[0]
+        back = unview_detections(tta.predict_outputs(seen), turns, flip, seen.shape[:2])
+        np.testing.assert_allclose(back["scores"], fused["scores"], rtol=1e-5)
+        np.testing.assert_allclose(back["boxes"], fused["boxes"], atol=1e-3)
+        np.testing.assert_allclose(back["masks"], fused["masks"], atol=1e-4)
+    seen = view(image[None], 1, False)[0]
+    back = unview_detections(predictor.predict_outputs(seen), 1, False, seen.shape[:2])
+    plain = predictor.predict_outputs(image)
+    assert back["boxes"].shape != plain["boxes"].shape or not np.allclose(back["boxes"], plain["boxes"], atol=1e-3)
+    labels = tta.predict(image)
+    assert labels.shape == (64, 80) and set(np.unique(labels)) - {0} == set(range(1, labels.max() + 1))
 
     # Tiled detection: 5 copies of a 64x32 pattern in tiles 64 wide overlapping by 32 (starts 0, 32, 64, 96; they
     # own x in [0, 48), [48, 80), [80, 112), [112, 160)). Every tile sees the same crop (two periods: the same
