@@ -7,6 +7,7 @@ post-processing finds far more, smaller objects than a trained model's). Runs on
 
   python benchmarks/bench_predict.py --config configs/quickstart.py
   python benchmarks/bench_predict.py --checkpoint runs/quickstart --sizes 1024,2048
+  python benchmarks/bench_predict.py --checkpoint runs/quickstart --sizes 1024 --tta  # test-time augmentation
 
 Goal (issue 6): peak RSS at 4096² <= 1.5 x peak RSS at 1024² + the 4096² input image's own bytes.
 """
@@ -20,6 +21,8 @@ import time
 
 import numpy as np
 
+from nucjax import cli
+
 TILE_SOURCE = 512  # the test image is a synthetic 512² image repeated to the size asked for
 
 
@@ -30,9 +33,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     model.add_argument("--config", help="a config file: its model, randomly initialised")
     p.add_argument("--override", nargs="*", default=[], metavar="KEY=VALUE", help="config overrides (with --config)")
     p.add_argument("--sizes", default="1024,2048,4096", help="square image sizes, comma-separated")
-    p.add_argument("--tile-size", type=int, help="override predict.tile_size")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--child", type=int, help=argparse.SUPPRESS)  # measure this one size here and print JSON
+    cli.add_prediction_arguments(p)  # --tile-size, --tile-overlap, --tta, --input-scale
     return p.parse_args(argv)
 
 
@@ -45,12 +48,12 @@ def build_predictor(args: argparse.Namespace):
     from nucjax.inference import Predictor
 
     if args.checkpoint:
-        return checkpoint.load(args.checkpoint, tile_size=args.tile_size)
+        return checkpoint.load(args.checkpoint, **cli.prediction_options(args))
     config = load_config(args.config, args.override)
     module = variants.get(config.variant).model(config)
     side = 2 ** config.model.depth  # parameters do not depend on the image size: initialise on the smallest input
     variables = module.init(jax.random.PRNGKey(args.seed), np.zeros((1, side, side, 3), np.float32), train=False)
-    return Predictor(config, variables, tile_size=args.tile_size)
+    return Predictor(config, variables, **cli.prediction_options(args))
 
 
 def make_image(size: int, seed: int) -> np.ndarray:
@@ -94,7 +97,8 @@ def measure(args: argparse.Namespace) -> dict:
     post_s = time.perf_counter() - start
     return {
         "size": args.child, "device": str(jax.devices()[0]), "tile_size": predictor.tile_size,
-        "tile_overlap": predictor.tile_overlap, "tile_batch": predictor.tile_batch, "nuclei": int(labels.max()),
+        "tile_overlap": predictor.tile_overlap, "tile_batch": predictor.tile_batch, "tta": predictor.tta,
+        "input_scale": predictor.input_scale, "nuclei": int(labels.max()),
         "maps_s": maps_s, "post_s": post_s, "mpix_per_s": args.child**2 / 1e6 / (maps_s + post_s),
         "image_mib": image.nbytes / 2**20, "base_rss_mib": base, "peak_maps_rss_mib": peak_maps,
         "peak_rss_mib": peak_rss_mib(),
@@ -113,7 +117,7 @@ def main() -> None:
         r = json.loads(out.strip().splitlines()[-1])
         if not rows:
             print(f"device {r['device']}; tiles {r['tile_size']}² overlap {r['tile_overlap']}, "
-                  f"batch {r['tile_batch']}")
+                  f"batch {r['tile_batch']}; tta {'on' if r['tta'] else 'off'}; input scale {r['input_scale']:g}")
             print(f"{'size':>6} {'maps s':>8} {'post s':>8} {'MP/s':>7} {'image MiB':>10} {'base MiB':>9} "
                   f"{'peak maps':>10} {'peak MiB':>9} {'nuclei':>7}")
         rows.append(r)

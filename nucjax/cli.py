@@ -33,7 +33,8 @@ def add_prediction_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--tile-size", type=int, metavar="N", help="tile size (default: the checkpoint's)")
     group.add_argument("--tile-overlap", type=int, metavar="N", help="tile overlap (default: the checkpoint's)")
     group.add_argument("--tta", action="store_true",
-                       help="average the maps of the 8 flips/rotations (8x slower; U-Net variants)")
+                       help="test-time augmentation: the 8 flips/rotations, maps averaged or detections fused "
+                            "(8x slower)")
     group.add_argument("--input-scale", type=positive, metavar="S",
                        help="magnify images S times before the network (default: the checkpoint's data.input_scale); "
                             "2 for images whose nuclei are half as wide as in the training images")
