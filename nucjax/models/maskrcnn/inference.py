@@ -121,7 +121,8 @@ def unview_detections(detections: Mapping[str, np.ndarray], turns: int, flip: bo
 
 
 def _box_iou(box: np.ndarray, boxes: np.ndarray) -> np.ndarray:
-    """IoU f64[N] of one box f[4] with boxes f[N, 4]."""
+    """IoU f64[N] of one box f[4] with boxes f[N, 4]: `boxes.box_iou` in NumPy, for host arrays whose sizes change
+    with every image (eager jnp would compile for each; measured 3x slower in `fuse_views`)."""
     lo, hi = np.maximum(box[:2], boxes[:, :2]), np.minimum(box[2:], boxes[:, 2:])
     inter = np.prod(np.maximum(hi - lo, 0.0), axis=-1)
     area = lambda b: np.prod(np.maximum(b[..., 2:] - b[..., :2], 0.0), axis=-1)
