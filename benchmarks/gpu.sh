@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # Every GPU figure of the issues in a few calls on a lent GPU machine (see docs/scaling.md). A session is lent
-# ~15 minutes of device time, start included. `bench` ran on an H100 and an H200 before the bf16 fix (docs/scaling.md);
-# what is left: `maskrcnn` (RoIAlign's new backward pass), `extra` (with the bf16 checks), `study-fp32`, and
-# `study` with JOBS="maskrcnn:1 maskrcnn:2", one call each; then `bench` again (the U-Net step after the bf16 fix).
+# ~15 minutes of device time, start included: about one 10-minute call. What is left, one call each, most wanted
+# first: `next`; `study` with JOBS="maskrcnn:1 maskrcnn:2"; `study-fp32`; then `extra` and `bench`.
+#   bash benchmarks/gpu.sh next OUT         what is most wanted, in one call (~7-9 min): Mask R-CNN vs torchvision
+#                                           with RoIAlign's new backward pass (issue 7) and its trace; the bf16
+#                                           gradient checks and the U-Net step vs PyTorch after the bf16 fix (issue 10)
 #   bash benchmarks/gpu.sh bench OUT        U-Net train step vs PyTorch (bf16) with a jax.profiler trace, tiled
 #                                           prediction, the input pipeline against the step on DSB2018 (~7 min)
 #   bash benchmarks/gpu.sh maskrcnn OUT     Mask R-CNN vs torchvision with a jax.profiler trace of the JAX step
@@ -23,7 +25,7 @@
 # travel as wheels in .whl/ (installed to /tmp/site), the prepared DSB2018 (holdout_fraction=0.1, 46 MiB) in
 # .gpudata/: `bash benchmarks/gpu_pack.sh` makes both here (57 MiB). Results go to OUT (default $OUT).
 set -u
-stage=${1:?usage: gpu.sh bench|maskrcnn|extra|study|study-fp32 OUT [seconds]}
+stage=${1:?usage: gpu.sh next|bench|maskrcnn|extra|study|study-fp32 OUT [seconds]}
 out=${2:-${OUT:?give OUT}}
 limit=${3:-420}
 mkdir -p "$out"
@@ -34,17 +36,42 @@ fi
 export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1
 export NUCJAX_DATA_DIR=${NUCJAX_DATA_DIR:-$PWD/.gpudata}
 
-if [ "$stage" = bench ]; then
-  {
-    nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
+# The commands that several stages share; the first argument of each is its time limit in seconds.
+machine_info() {
+  { nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
     nproc
     python3 -c "import jax, flax, optax, orbax.checkpoint as ocp, grain, torch, torchvision; print('jax', jax.__version__, jax.devices(), 'flax', flax.__version__, 'optax', optax.__version__, 'torch', torch.__version__, 'torchvision', torchvision.__version__)"
   } 2>&1 | tee "$out/machine.txt"
+}
+unet_step_bf16() {  # the base-32 U-Net step, bf16, batch 128, against PyTorch eager and torch.compile
   # H100 SXM dense peaks: 989 TFLOP/s bf16, 495 TF32 (XLA and PyTorch use TF32 for float32 convolutions by default)
   # upsample=transpose was measured on 2026-11-25 (2,344 images/s, 0.78x dense) and is left out to save time.
-  timeout 200 python3 benchmarks/bench_train.py --device gpu --precision bfloat16 --batch 128 --steps 20 --rounds 3 \
-    --upsample dense --torch channels_last --compile --peak-tflops 989 --profile /tmp/nucjax-trace \
-    2>&1 | tee "$out/bench_train_bf16.txt"
+  timeout "$1" python3 benchmarks/bench_train.py --device gpu --precision bfloat16 --batch 128 --upsample dense \
+    --torch channels_last --compile --peak-tflops 989 "${@:2}" 2>&1 | tee "$out/bench_train_bf16.txt"
+}
+maskrcnn_vs_torchvision() {  # ResNet-50-FPN, 256², batch 8, bf16, 128 mask-head slots, with a trace of the JAX step
+  timeout "$1" python3 benchmarks/bench_maskrcnn.py --depth 50 --size 256 --batch 8 --instances 32 --steps 10 \
+    --precision bfloat16 --profile /tmp/nucjax-maskrcnn-trace 2>&1 | grep -v cuda_timer | tee "$out/bench_maskrcnn.txt"
+  timeout 60 python3 benchmarks/trace_summary.py /tmp/nucjax-maskrcnn-trace --top 80 \
+    > "$out/bench_maskrcnn_trace_top80.txt"
+}
+precision_checks() {  # does this backend sum bf16 gradients in bf16? and the bf16 gradient error on DSB2018 batches
+  { timeout 60 python3 benchmarks/precision_check.py --sum-check
+    timeout "$1" python3 benchmarks/precision_check.py --config configs/unet_boundary.py --override \
+      model.base_width=32 precision=bfloat16 data.builder_kwargs.holdout_fraction=0.1 data.num_workers=0 \
+      --batches 2 --layers 5
+  } 2>&1 | grep -v WARNING | tee "$out/precision_check.txt"
+}
+
+if [ "$stage" = next ]; then
+  machine_info
+  maskrcnn_vs_torchvision 230
+  precision_checks 100
+  unet_step_bf16 170 --steps 20 --rounds 2
+  ls -la "$out"
+elif [ "$stage" = bench ]; then
+  machine_info
+  unet_step_bf16 200 --steps 20 --rounds 3 --profile /tmp/nucjax-trace
   timeout 240 python3 benchmarks/bench_predict.py --config configs/unet_boundary.py \
     --override model.base_width=32 precision=bfloat16 predict.tile_size=1024 predict.tile_batch=8 --sizes 1024,4096 \
     2>&1 | tee "$out/bench_predict.txt"
@@ -56,18 +83,13 @@ if [ "$stage" = bench ]; then
     --workers 15 --warmup 150 \
     --batches 30 2>&1 | tee "$out/bench_input_dsb.txt"
 elif [ "$stage" = maskrcnn ]; then
-  timeout 280 python3 benchmarks/bench_maskrcnn.py --depth 50 --size 256 --batch 8 --instances 32 --steps 10 \
-    --precision bfloat16 --profile /tmp/nucjax-maskrcnn-trace 2>&1 | grep -v cuda_timer | tee "$out/bench_maskrcnn.txt"
-  python3 benchmarks/trace_summary.py /tmp/nucjax-maskrcnn-trace --top 80 > "$out/bench_maskrcnn_trace_top80.txt"
+  maskrcnn_vs_torchvision 280
   # The same JAX step with 40 mask-head slots per image (about the positives torchvision's mask head runs on here).
   timeout 150 python3 benchmarks/bench_maskrcnn.py --depth 50 --size 256 --batch 8 --instances 32 --steps 10 \
     --precision bfloat16 --no-torch --model roi_positive_fraction=0.078125 2>&1 | grep -v cuda_timer \
     | tee -a "$out/bench_maskrcnn.txt"
 elif [ "$stage" = extra ]; then
-  { timeout 60 python3 benchmarks/precision_check.py --sum-check
-    timeout 120 python3 benchmarks/precision_check.py --config configs/unet_boundary.py --override model.base_width=32 \
-      precision=bfloat16 data.builder_kwargs.holdout_fraction=0.1 data.num_workers=0 --batches 2 --layers 5
-  } 2>&1 | grep -v WARNING | tee "$out/precision_check.txt"
+  precision_checks 120
   timeout 130 python3 benchmarks/bench_train.py --device gpu --precision float32 --batch 128 --steps 10 --rounds 2 \
     --upsample dense --torch channels_last --peak-tflops 495 2>&1 | tee "$out/bench_train_fp32.txt"
   timeout 80 python3 benchmarks/bench_input.py --source synthetic --size 256 320 --images 96 --batch 128 --crop 256 \
@@ -113,6 +135,6 @@ elif [ "$stage" = study-fp32 ]; then
   tar czf "$out/study-fp32.tgz" runs/gpu-fp32/results runs/gpu-fp32/*/metrics.jsonl runs/gpu-fp32/*/study.json \
     2>/dev/null
 else
-  echo "unknown stage $stage (bench, maskrcnn, extra, study or study-fp32)" >&2
+  echo "unknown stage $stage (next, bench, maskrcnn, extra, study or study-fp32)" >&2
   exit 2
 fi
