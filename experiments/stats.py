@@ -34,10 +34,14 @@ class Interval:
         return dataclasses.asdict(self)
 
 
-def paired_bootstrap(a: Sequence[float], b: Sequence[float], *, n_boot: int = 10_000, level: float = 0.95,
-                     seed: int = 0) -> Interval:
+def paired_bootstrap(a: Sequence[float], b: Sequence[float], *, weights: Sequence[float] | None = None,
+                     n_boot: int = 10_000, level: float = 0.95, seed: int = 0) -> Interval:
     """The mean of a - b (float[N], paired by position) and its percentile bootstrap interval: images resampled
-    with replacement `n_boot` times, the (1 - level)/2 and (1 + level)/2 quantiles of the resampled means."""
+    with replacement `n_boot` times, the (1 - level)/2 and (1 + level)/2 quantiles of the resampled means.
+
+    With `weights` (float[N], >= 0) the statistic is the weighted mean sum(w (a - b)) / sum(w), resampled in the
+    same way: a ratio of sums, e.g. merges per 100 touching pairs with a, b each image's merges per 100 of its
+    pairs and w its number of pairs. A resample whose weights sum to zero is left out of the quantiles."""
     a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
     if a.shape != b.shape or a.ndim != 1 or not len(a):
         raise ValueError(f"paired_bootstrap needs two 1-D sequences of equal, non-zero length; "
@@ -47,13 +51,22 @@ def paired_bootstrap(a: Sequence[float], b: Sequence[float], *, n_boot: int = 10
     diff = a - b
     if not np.isfinite(diff).all():
         raise ValueError(f"paired_bootstrap: non-finite values at positions {np.flatnonzero(~np.isfinite(diff))[:5]}")
+    w = np.ones_like(diff) if weights is None else np.asarray(weights, np.float64)
+    if w.shape != diff.shape or not np.isfinite(w).all() or (w < 0).any() or not w.sum() > 0:
+        raise ValueError(f"paired_bootstrap: weights must be {len(diff)} finite values >= 0 with a positive sum")
     rng = np.random.default_rng(seed)
     means = np.empty(n_boot)
     for start in range(0, n_boot, 1000):  # in chunks, so memory stays small for many images
         count = min(1000, n_boot - start)
-        means[start:start + count] = diff[rng.integers(0, len(diff), size=(count, len(diff)))].mean(axis=1)
-    low, high = np.quantile(means, [(1 - level) / 2, (1 + level) / 2])
-    return Interval(float(diff.mean()), float(low), float(high), level, len(diff))
+        picked = rng.integers(0, len(diff), size=(count, len(diff)))
+        if weights is None:
+            means[start:start + count] = diff[picked].mean(axis=1)
+        else:
+            total = w[picked].sum(axis=1)
+            with np.errstate(invalid="ignore", divide="ignore"):
+                means[start:start + count] = (w * diff)[picked].sum(axis=1) / total
+    low, high = np.nanquantile(means, [(1 - level) / 2, (1 + level) / 2])
+    return Interval(float(np.sum(w * diff) / w.sum()), float(low), float(high), level, len(diff))
 
 
 def per_image_means(runs: Sequence[Mapping[str, float]]) -> dict[str, float]:
@@ -69,13 +82,16 @@ def per_image_means(runs: Sequence[Mapping[str, float]]) -> dict[str, float]:
     return {name: float(np.mean([run[name] for run in runs])) for name in sorted(names)}
 
 
-def paired_difference(a: Mapping[str, float], b: Mapping[str, float], **bootstrap_kwargs) -> Interval:
-    """`paired_bootstrap` of a[name] - b[name] over the image names both score (they must score the same ones)."""
+def paired_difference(a: Mapping[str, float], b: Mapping[str, float],
+                      weights: Mapping[str, float] | None = None, **bootstrap_kwargs) -> Interval:
+    """`paired_bootstrap` of a[name] - b[name] (weighted by weights[name], if given) over the image names both
+    score (they must score the same ones)."""
     if set(a) != set(b):
         differ = sorted(set(a) ^ set(b))[:5]
         raise ValueError(f"paired_difference: the two sides scored different images (e.g. {differ})")
     names = sorted(a)
-    return paired_bootstrap([a[n] for n in names], [b[n] for n in names], **bootstrap_kwargs)
+    w = None if weights is None else [weights[n] for n in names]
+    return paired_bootstrap([a[n] for n in names], [b[n] for n in names], weights=w, **bootstrap_kwargs)
 
 
 def seed_summary(rows: Sequence[Mapping], keys: Sequence[str], *, group: str = "method") -> dict[str, dict]:

@@ -300,7 +300,9 @@ def evaluate_predictions(predict: Callable[[np.ndarray], np.ndarray], source: An
         accumulator.add_stats(image_stats)
         seps.append(sep)
         touching.append(sep)
-        per_image.append({"id": str(example["id"]), "modality": modality, "dsb2018_score": image_stats.dsb2018_score})
+        per_image.append({"id": str(example["id"]), "modality": modality, "dsb2018_score": image_stats.dsb2018_score,
+                          "touching_dsb2018_score": sep.score, "touching_pairs": sep.n_pairs,
+                          "merged_pairs": sep.merged_pairs})
     out = {**_headline(everything.report()), **separation.summarize(touching)}
     out["by_modality"] = {
         m: {**{k: v for k, v in _headline(acc.report()).items() if k != "accuracy_curve"}, **separation.summarize(s)}
@@ -527,41 +529,74 @@ def _flat(row: Mapping) -> dict:
     return out
 
 
+PAIRED_KEYS = ("dsb2018_score", "touching_dsb2018_score", "merges_per_100_pairs")
+"""What the paired comparisons compare, each from the rows' `per_image` entries: the DSB2018 score (every image),
+the touching-nuclei DSB2018 score (images with touching nuclei) and merges per 100 touching pairs (images with
+touching pairs, weighted by their number of pairs, so the mean difference is that of the pooled ratios)."""
+
+
+def _per_image(rows: Sequence[Mapping], key: str) -> tuple[dict[str, float], dict[str, float] | None] | None:
+    """({image id: value averaged over the rows (seeds)}, {image id: weight} or None) for one of PAIRED_KEYS; None
+    when a row lacks the per-image fields (rows written before they were recorded)."""
+    field = {"merges_per_100_pairs": "merged_pairs"}.get(key, key)
+    if any(field not in p for r in rows for p in r["per_image"]):
+        return None
+    if key == "merges_per_100_pairs":
+        runs = [{p["id"]: 100.0 * p["merged_pairs"] / p["touching_pairs"]
+                 for p in r["per_image"] if p["touching_pairs"]} for r in rows]
+        return stats.per_image_means(runs), {p["id"]: p["touching_pairs"] for p in rows[0]["per_image"]
+                                             if p["touching_pairs"]}
+    runs = [{p["id"]: p[key] for p in r["per_image"] if p[key] is not None} for r in rows]
+    return stats.per_image_means(runs), None
+
+
+def paired_differences(rows_a: Sequence[Mapping], rows_b: Sequence[Mapping], n_boot: int) -> dict[str, dict | None]:
+    """{key: the paired difference B - A (`stats.Interval.to_dict()`) or None} for PAIRED_KEYS, from two methods'
+    rows (each averaged over its seeds; bootstrap over images)."""
+    out = {}
+    for key in PAIRED_KEYS:
+        sides = [_per_image(rows, key) for rows in (rows_a, rows_b)]
+        if sides[0] is None or sides[1] is None or not sides[0][0]:
+            out[key] = None
+            continue
+        (a, weights), (b, _) = sides
+        out[key] = stats.paired_difference(b, a, weights, n_boot=n_boot).to_dict()
+    return out
+
+
 def aggregate(rows: Sequence[Mapping], baseline: str, n_boot: int) -> list[dict]:
-    """One summary per method: runs, kind, (mean, sd) of TABLE_KEYS and the per-modality scores, and the paired
-    difference in per-image dsb2018_score against `baseline` (per-image scores averaged over each method's seeds,
-    bootstrap over images)."""
+    """One summary per method: runs, kind, (mean, sd) of TABLE_KEYS and the per-modality scores, and under
+    "vs_baseline" its paired differences against `baseline` (`paired_differences`: per-image values averaged over
+    each method's seeds, bootstrap over images), or None."""
     flat = [_flat(r) for r in rows]
     keys = list(TABLE_KEYS) + [f"dsb2018_score[{m}]" for m in MODALITIES] + [f"n_images[{m}]" for m in MODALITIES]
     summary = stats.seed_summary(flat, keys)
-    per_image = {}
-    for method in summary:
-        runs = [{p["id"]: p["dsb2018_score"] for p in r["per_image"]} for r in rows if r["method"] == method]
-        per_image[method] = stats.per_image_means(runs)
+    by_method = {method: [r for r in rows if r["method"] == method] for method in summary}
     out = []
     for method, values in summary.items():
-        first = next(r for r in rows if r["method"] == method)
+        first = by_method[method][0]
         entry = {"method": method, "kind": first.get("kind"), **values, "vs_baseline": None}
-        if method != baseline and baseline in per_image:
-            entry["vs_baseline"] = stats.paired_difference(per_image[method], per_image[baseline],
-                                                           n_boot=n_boot).to_dict()
+        if method != baseline and baseline in by_method:
+            entry["vs_baseline"] = paired_differences(by_method[baseline], by_method[method], n_boot)
         out.append(entry)
     return out
 
 
 def write_csv(summary: Sequence[Mapping], path: pathlib.Path) -> pathlib.Path:
-    """One line per method: method, kind, runs, <key>_mean and <key>_sd, and the paired difference columns."""
+    """One line per method: method, kind, runs, <key>_mean and <key>_sd, and for each of PAIRED_KEYS the paired
+    difference against the baseline: <key>_diff, <key>_low, <key>_high, <key>_images (empty where there is none)."""
     keys = [k for k in summary[0] if k not in ("method", "kind", "runs", "vs_baseline")]
     header = ["method", "kind", "runs"] + [f"{k}_{s}" for k in keys for s in ("mean", "sd")]
-    header += ["diff_vs_baseline", "diff_low", "diff_high", "diff_images"]
+    header += [f"{k}_{s}" for k in PAIRED_KEYS for s in ("diff", "low", "high", "images")]
     with open(path, "w", newline="") as f:
         writer = csv.writer(f)
         writer.writerow(header)
         for entry in summary:
             line = [entry["method"], entry["kind"], entry["runs"]]
             line += [_csv_number(v) for k in keys for v in entry[k]]
-            diff = entry["vs_baseline"]
-            line += [_csv_number(diff[k]) for k in ("mean", "low", "high")] + [diff["n"]] if diff else ["", "", "", ""]
+            for key in PAIRED_KEYS:
+                diff = (entry["vs_baseline"] or {}).get(key)
+                line += [_csv_number(diff[k]) for k in ("mean", "low", "high")] + [diff["n"]] if diff else [""] * 4
             writer.writerow(line)
     return path
 
@@ -585,6 +620,11 @@ def markdown(summary: Sequence[Mapping], rows: Sequence[Mapping], *, title: str,
         rule = "|" + "---|" * len(header)
         return ["| " + " | ".join(header) + " |", rule] + ["| " + " | ".join(x) + " |" for x in lines]
 
+    def interval(d: Mapping | None, digits: int = 4) -> list[str]:
+        if d is None:
+            return ["–", "–"]
+        return [f"{d['mean']:+.{digits}f}", f"[{d['low']:+.{digits}f}, {d['high']:+.{digits}f}]"]
+
     s = list(summary)
     out = [f"# {title}", "", "Mean ± sd over seeds (classical rows: one deterministic run). Held-apart split: "
            f"{rows[0]['eval_split']}, {rows[0]['n_images']} images.", "", "## Accuracy", ""]
@@ -605,13 +645,23 @@ def markdown(summary: Sequence[Mapping], rows: Sequence[Mapping], *, title: str,
                                for m in MODALITIES] + ["worst modality"],
                  [[e["method"]] + [_pm(e[f"dsb2018_score[{m}]"]) for m in MODALITIES]
                   + [_pm(e["worst_modality_dsb2018_score"])] for e in s])
+    compared = [e for e in s if e["vs_baseline"] is not None]
     out += ["", f"## Paired difference in per-image DSB2018 score against {baseline}", "",
             "Each image's score averaged over a method's seeds, minus the baseline's; percentile bootstrap over "
             "images (95%). \"Better\" needs an interval that excludes zero.", ""]
     out += table(["method", "mean difference", "95% interval", "images", "excludes 0"],
-                 [[e["method"], f"{d['mean']:+.4f}", f"[{d['low']:+.4f}, {d['high']:+.4f}]", str(d["n"]),
-                   "yes" if d["low"] > 0 or d["high"] < 0 else "no"]
-                  for e in s if (d := e["vs_baseline"]) is not None])
+                 [[e["method"], *interval(d), str(d["n"]), "yes" if d["low"] > 0 or d["high"] < 0 else "no"]
+                  for e in compared if (d := e["vs_baseline"]["dsb2018_score"]) is not None])
+    touching = [e for e in compared if e["vs_baseline"]["touching_dsb2018_score"] is not None]
+    if touching:  # images with a touching nucleus are those with a touching pair: one count for both columns
+        n = touching[0]["vs_baseline"]["touching_dsb2018_score"]["n"]
+        out += ["", f"## Paired difference on touching nuclei against {baseline}", "",
+                f"The same on the {n} images with touching nuclei: their touching-nuclei DSB2018 score, and merges per "
+                "100 touching pairs (each image weighted by its pairs, so the mean is the difference of the pooled "
+                "ratios; fewer merges is better).", ""]
+        out += table(["method", "touching DSB2018 Δ", "95% interval", "merges / 100 pairs Δ", "95% interval"],
+                     [[e["method"], *interval(e["vs_baseline"]["touching_dsb2018_score"]),
+                       *interval(e["vs_baseline"]["merges_per_100_pairs"], 1)] for e in touching])
     out += ["", "## Cost", ""]
     out += table(["method", "params (M)", "GFLOPs / 256²", "train wall (min)", "train img/s", "to 95% (min)",
                   "inference MP/s", "peak RSS (MiB)", "peak device (MiB)"],

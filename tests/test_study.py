@@ -56,6 +56,62 @@ def test_paired_difference_pairs_images_by_name_and_checks_they_agree():
         stats.per_image_means([{"x": 0.2}, {"y": 0.4}])
 
 
+def test_weighted_bootstrap_is_the_difference_of_ratios_of_sums():
+    # Merges per 100 touching pairs: image i has pairs[i] pairs, A merges ma[i] of them and B mb[i].
+    pairs = np.array([4.0, 1.0, 5.0, 10.0])
+    ma, mb = np.array([2.0, 1.0, 0.0, 5.0]), np.array([1.0, 0.0, 0.0, 2.0])
+    interval = stats.paired_bootstrap(100 * mb / pairs, 100 * ma / pairs, weights=pairs, n_boot=2000)
+    assert interval.mean == pytest.approx(100 * mb.sum() / pairs.sum() - 100 * ma.sum() / pairs.sum())  # -25
+    assert interval.low <= interval.mean <= interval.high and interval.n == 4
+    # Two images, differences +1 and -1 with weights 1 and 3: a resample is both of one image (+1 or -1, 1/4
+    # each) or one of each ((1 - 3) / 4 = -0.5, 1/2), so the 95% interval is [-1, +1] and the mean -0.5.
+    two = stats.paired_bootstrap([1.0, 0.0], [0.0, 1.0], weights=[1.0, 3.0], n_boot=4000, seed=2)
+    assert (two.mean, two.low, two.high) == (-0.5, -1.0, 1.0)
+    # The middle 40% of the resamples lie on -0.5 (unweighted resampling would give 0 there).
+    mid = stats.paired_bootstrap([1.0, 0.0], [0.0, 1.0], weights=[1.0, 3.0], n_boot=4000, seed=2, level=0.4)
+    assert (mid.low, mid.high) == (-0.5, -0.5)
+    # Equal weights give the unweighted bootstrap, draw for draw.
+    a, b = np.linspace(0.1, 0.8, 9), np.linspace(0.3, 0.5, 9) ** 2
+    assert stats.paired_bootstrap(a, b, weights=np.full(9, 2.0), n_boot=3000) == pytest.approx(
+        stats.paired_bootstrap(a, b, n_boot=3000))
+    with pytest.raises(ValueError, match="weights must be 2 finite values >= 0"):
+        stats.paired_bootstrap([1.0, 0.0], [0.0, 1.0], weights=[0.0, 0.0])
+
+
+def _separation_row(method, seed, images):
+    """A results row whose per-image entries are (dsb2018_score, touching score or None, pairs, merged pairs)."""
+    per_image = [{"id": f"img{i}", "modality": "fluorescence", "dsb2018_score": d, "touching_dsb2018_score": t,
+                  "touching_pairs": p, "merged_pairs": m} for i, (d, t, p, m) in enumerate(images)]
+    return {"method": method, "seed": seed, "kind": "learned", "eval_split": "holdout", "n_images": len(images),
+            "dsb2018_score": float(np.mean([d for d, *_ in images])), "per_image": per_image,
+            "machine": {"cpu": "test"}, "command": "test", "commit": "0" * 40}
+
+
+def test_aggregate_pairs_touching_scores_and_merges_against_the_baseline():
+    base = [_separation_row("unet_mask", 0, [(0.5, 0.2, 4, 4), (0.6, None, 0, 0), (0.4, 0.1, 6, 3)]),
+            _separation_row("unet_mask", 1, [(0.5, 0.4, 4, 2), (0.6, None, 0, 0), (0.4, 0.3, 6, 3)])]
+    # The other method: +0.1 DSB2018 on every image, +0.05 touching on each touching image (over the baseline's
+    # seed means 0.3 and 0.2), and 2 of 10 pairs merged against the baseline's 7 and 5 (mean 6) of 10.
+    other = [_separation_row("unet_3class", 0, [(0.6, 0.35, 4, 1), (0.7, None, 0, 0), (0.5, 0.25, 6, 1)])]
+    old = dict(other[0], method="old", per_image=[{"id": p["id"], "dsb2018_score": p["dsb2018_score"]}
+                                                  for p in other[0]["per_image"]])
+    summary = {e["method"]: e for e in study.aggregate(base + other + [old], "unet_mask", n_boot=500)}
+    assert summary["unet_mask"]["vs_baseline"] is None
+    d = summary["unet_3class"]["vs_baseline"]
+    assert [d["dsb2018_score"][k] for k in ("mean", "low", "high", "n")] == pytest.approx([0.1, 0.1, 0.1, 3])
+    assert [d["touching_dsb2018_score"][k] for k in ("mean", "low", "high", "n")] == pytest.approx([0.05] * 3 + [2])
+    assert d["merges_per_100_pairs"]["mean"] == pytest.approx(100 * 2 / 10 - 100 * 6 / 10)
+    assert d["merges_per_100_pairs"]["n"] == 2
+    # Rows written before the per-image separation fields were recorded get the DSB2018 comparison only.
+    assert summary["old"]["vs_baseline"]["dsb2018_score"]["mean"] == pytest.approx(0.1)
+    assert summary["old"]["vs_baseline"]["touching_dsb2018_score"] is None
+    table = study.markdown(list(summary.values()), base, title="t", baseline="unet_mask")
+    assert "## Paired difference on touching nuclei against unet_mask" in table
+    assert "the 2 images with touching nuclei" in table
+    assert "| unet_3class | +0.0500 | [+0.0500, +0.0500] | -40.0 |" in table
+    assert "| old |" not in table.split("on touching nuclei")[1].split("## Cost")[0]
+
+
 # ---- costs from a training log ----
 
 
@@ -152,6 +208,11 @@ def test_study_end_to_end_writes_rows_tables_figures_and_skips_finished_runs(tmp
         assert len(row["per_image"]) == 4 and 0 <= row["dsb2018_score"] <= 1
         assert row["machine"]["cpu_count"] and row["commit"]
         assert set(row["by_modality"]) == {"fluorescence"}
+        # The per-image separation fields add up to the row's pooled separation figures.
+        touching = [p["touching_dsb2018_score"] for p in row["per_image"] if p["touching_dsb2018_score"] is not None]
+        assert touching and row["touching_dsb2018_score"] == pytest.approx(np.mean(touching))
+        pairs = sum(p["touching_pairs"] for p in row["per_image"])
+        assert pairs == row["touching_pairs"] and sum(p["merged_pairs"] for p in row["per_image"]) == row["merged_pairs"]
     for row in rows[:2]:
         assert row["seed"] == 0 and row["params"] > 0 and row["gflops_per_256"] > 0
         assert row["train_wall_s"] > 0 and [p[1] for p in row["validation_curve"]] == [2, 4]
